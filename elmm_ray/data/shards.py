@@ -1,0 +1,297 @@
+"""Pack entity images into Parquet shards with Ray Data (``elmm-ray pack``).
+
+One row per image: entity id, image index, the original encoded bytes, width, height,
+mode, format, source path and a checksum. Every image is decoded once to validate it;
+undecodable or degenerate files are listed in the manifest with the reason and left out.
+
+The shard plan is a deterministic function of the image list, so a re-run knows which
+shards exist: each shard is written atomically with a sidecar record, and the manifest
+is written last. A complete output with the same fingerprint is skipped; an interrupted
+run redoes only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.rundir import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+PACK_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_SCHEMA = pa.schema([
+    ("entity", pa.int32()),
+    ("entity_id", pa.string()),
+    ("image_index", pa.int16()),
+    ("image", pa.binary()),
+    ("format", pa.string()),
+    ("mode", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("source_path", pa.string()),
+    ("sha256", pa.string()),
+])
+
+
+@dataclass
+class PackResult:
+    """What ``pack_images`` did (also written to ``manifest.json``)."""
+
+    out_dir: Path
+    manifest: dict
+    skipped: bool
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        m = self.manifest
+        return [
+            ("images listed", str(m["images_listed"])),
+            ("images packed", str(m["images_packed"])),
+            ("images bad (left out)", str(m["images_bad"])),
+            ("entities with images", str(m["entities_with_images"])),
+            ("entities without images", str(m["entities_without_images"])),
+            ("shards", str(len(m["shards"]))),
+            ("shards reused", str(m.get("shards_reused", 0))),
+            ("packed bytes", f"{m['packed_bytes'] / 1e6:.1f} MB"),
+            ("seconds", f"{m['seconds']:.1f}"),
+            ("status", "already complete (no work)" if self.skipped else "complete"),
+        ]
+
+
+def validate_image(data: bytes, min_side: int) -> tuple[dict | None, str]:
+    """Decode ``data`` fully; return (info, "") or (None, reason)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return None, "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, mode = img.format or "", img.mode
+                img.load()
+                width, height = img.size
+    except UnidentifiedImageError:
+        return None, "not a recognised image format"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        return None, f"cannot decode: {err}"
+    if min(width, height) < min_side:
+        return None, f"degenerate size {width}x{height} (a side below {min_side} px)"
+    return {"format": fmt, "mode": mode, "width": width, "height": height}, ""
+
+
+def plan_shards(records: list[dict], max_shard_bytes: int) -> list[list[dict]]:
+    """Split records (in order) into shards whose file bytes stay under the bound
+    (a single larger file gets a shard of its own)."""
+    shards: list[list[dict]] = []
+    current: list[dict] = []
+    size = 0
+    for rec in records:
+        if current and size + rec["size"] > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(rec)
+        size += rec["size"]
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _fingerprint(items: list, *extra: object) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([PACK_VERSION, *extra], sort_keys=True).encode())
+    for item in items:
+        h.update(json.dumps(item, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shard_done(out_dir: Path, shard: dict) -> dict | None:
+    """The sidecar record of a shard written earlier with the same inputs, if intact."""
+    side = out_dir / f"{shard['name']}.json"
+    parquet = out_dir / f"{shard['name']}.parquet"
+    if not side.is_file() or not parquet.is_file():
+        return None
+    try:
+        rec = read_json(side)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if rec.get("fingerprint") != shard["fingerprint"] or rec.get("sha256") != _file_sha256(
+        parquet
+    ):
+        return None
+    return rec
+
+
+def pack_shard(shard: dict) -> dict:
+    """Read, validate and write one shard (runs as a Ray Data task)."""
+    out_dir = Path(shard["out_dir"])
+    rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+    bad = []
+    for rec in shard["records"]:
+        try:
+            data = Path(rec["path"]).read_bytes()
+        except OSError as err:
+            bad.append({**_bad_fields(rec), "reason": f"unreadable: {err}"})
+            continue
+        info, reason = validate_image(data, shard["min_side"])
+        if info is None:
+            bad.append({**_bad_fields(rec), "reason": reason})
+            continue
+        rows["entity"].append(rec["entity"])
+        rows["entity_id"].append(rec["entity_id"])
+        rows["image_index"].append(rec["image_index"])
+        rows["image"].append(data)
+        rows["source_path"].append(rec["path"])
+        rows["sha256"].append(hashlib.sha256(data).hexdigest())
+        for key in ("format", "mode", "width", "height"):
+            rows[key].append(info[key])
+    table = pa.table(rows, schema=SHARD_SCHEMA)
+    final = out_dir / f"{shard['name']}.parquet"
+    tmp = out_dir / f".{shard['name']}.parquet.tmp"
+    pq.write_table(table, tmp, compression="none")
+    os.replace(tmp, final)
+    record = {
+        "name": shard["name"], "file": final.name, "rows": table.num_rows,
+        "bytes": final.stat().st_size, "sha256": _file_sha256(final),
+        "fingerprint": shard["fingerprint"], "bad": bad,
+    }
+    write_json_atomic(out_dir / f"{shard['name']}.json", record)
+    return record
+
+
+def _bad_fields(rec: dict) -> dict:
+    return {"path": rec["path"], "entity_id": rec["entity_id"], "image_index": rec["image_index"]}
+
+
+def image_records(kg: KnowledgeGraph) -> list[dict]:
+    """Every listed image file of every entity, in entity then file order."""
+    records = []
+    for ent, files in enumerate(kg.entity_images):
+        for idx, path in enumerate(files):
+            st = os.stat(path)
+            records.append({"entity": ent, "entity_id": kg.entities[ent], "image_index": idx,
+                            "path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return records
+
+
+def pack_images(
+    kg: KnowledgeGraph,
+    out_dir: str | Path,
+    *,
+    max_shard_bytes: int = 64 * 1024 * 1024,
+    min_side: int = 8,
+    num_cpus_per_task: float = 0.5,
+    show_progress: bool = True,
+) -> PackResult:
+    """Pack every image of ``kg`` into Parquet shards under ``out_dir`` with Ray Data."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = image_records(kg)
+    fingerprint = _fingerprint(
+        [(r["path"], r["size"], r["mtime_ns"]) for r in records], max_shard_bytes, min_side
+    )
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file():
+        old = read_json(manifest_path)
+        if old.get("status") == "complete" and old.get("fingerprint") == fingerprint:
+            log.info("pack: %s is complete; nothing to do", out_dir)
+            return PackResult(out_dir, old, skipped=True)
+
+    shards = []
+    for i, recs in enumerate(plan_shards(records, max_shard_bytes)):
+        shard_fp = _fingerprint([(r["path"], r["size"], r["mtime_ns"]) for r in recs], min_side)
+        shards.append({"name": f"shard-{i:05d}", "fingerprint": shard_fp, "records": recs,
+                       "out_dir": str(out_dir), "min_side": min_side})
+    done = {s["name"]: rec for s in shards if (rec := _shard_done(out_dir, s))}
+    todo = [s for s in shards if s["name"] not in done]
+    planned = {s["name"] for s in shards}
+    for stale in out_dir.glob("shard-*"):
+        if stale.name.split(".")[0] not in planned:
+            stale.unlink()
+
+    if todo:
+        results = _run_ray_pack(todo, num_cpus_per_task, show_progress)
+        done.update({r["name"]: r for r in results})
+
+    shard_records = [done[s["name"]] for s in shards]
+    bad = [b for rec in shard_records for b in rec["bad"]]
+    listed_entities = {r["entity"] for r in records}
+    bad_keys = {(b["entity_id"], b["image_index"]) for b in bad}
+    good_entities = {r["entity"] for r in records
+                     if (r["entity_id"], r["image_index"]) not in bad_keys}
+    manifest = {
+        "status": "complete",
+        "version": PACK_VERSION,
+        "fingerprint": fingerprint,
+        "dataset": kg.name,
+        "image_root": kg.image_root,
+        "entities": kg.num_entities,
+        "entities_with_image_files": len(listed_entities),
+        "entities_with_images": len(good_entities),
+        "entities_without_images": kg.num_entities - len(good_entities),
+        "images_listed": len(records),
+        "images_packed": sum(r["rows"] for r in shard_records),
+        "images_bad": len(bad),
+        "bad_images": bad,
+        "packed_bytes": sum(r["bytes"] for r in shard_records),
+        "max_shard_bytes": max_shard_bytes,
+        "min_side": min_side,
+        "shards_reused": len(shards) - len(todo),
+        "shards": [{k: r[k] for k in ("file", "rows", "bytes", "sha256")} for r in shard_records],
+        "seconds": time.perf_counter() - start,
+    }
+    if manifest["images_packed"] + manifest["images_bad"] != manifest["images_listed"]:
+        raise RuntimeError(
+            f"pack accounting mismatch: {manifest['images_packed']} packed + "
+            f"{manifest['images_bad']} bad != {manifest['images_listed']} listed"
+        )
+    write_json_atomic(manifest_path, manifest)
+    return PackResult(out_dir, manifest, skipped=False)
+
+
+def _run_ray_pack(todo: list[dict], num_cpus: float, show_progress: bool) -> list[dict]:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = show_progress
+    # One shard per block, so shards are packed in parallel.
+    items = [{"shard": json.dumps(s)} for s in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map(lambda row: {"result": json.dumps(pack_shard(json.loads(row["shard"])))},
+                num_cpus=num_cpus)
+    return [json.loads(row["result"]) for row in ds.take_all()]
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    """The manifest of a complete pack output; a clear error when there is none."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no image shards at {shard_dir} (missing {MANIFEST}); run `elmm-ray pack` first"
+        )
+    manifest = read_json(path)
+    if manifest.get("status") != "complete":
+        raise RuntimeError(f"the pack output at {shard_dir} is incomplete; re-run `elmm-ray pack`")
+    return manifest
