@@ -1,0 +1,1 @@
+"""elmm_ray.models"""

@@ -1,0 +1,241 @@
+"""The Llava backbone: a tiny random one built in code or a pretrained HF checkpoint.
+
+Also the image side that runs outside training: CLIP-style preprocessing with PIL + numpy
+(no torchvision) and :func:`encode_images`, the frozen-vision-tower call that the feature
+extraction stage runs on every image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class BackboneLoadError(OSError):
+    """A checkpoint could not be found or loaded; the message says what to do."""
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Turn ``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype) into a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {dtype!r}; choose one of: float32, bfloat16, float16"
+        ) from None
+
+
+def build_tiny_llava(
+    *,
+    vision_hidden: int,
+    vision_layers: int,
+    vision_heads: int,
+    image_size: int,
+    patch_size: int,
+    llm_hidden: int,
+    llm_layers: int,
+    llm_heads: int,
+    llm_kv_heads: int,
+    llm_intermediate: int,
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int,
+    seed: int = 0,
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised Llava (CLIP vision tower + Llama LLM) of the given sizes."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=llm_hidden,
+        intermediate_size=llm_intermediate,
+        num_hidden_layers=llm_layers,
+        num_attention_heads=llm_heads,
+        num_key_value_heads=llm_kv_heads,
+        vocab_size=vocab_size,
+        pad_token_id=pad_token_id,
+        max_position_embeddings=4096,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    return model.eval()
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def load_backbone(
+    name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32"
+) -> LlavaForConditionalGeneration:
+    """Load a pretrained Llava checkpoint from a local directory or a HF hub id."""
+    torch_dtype = resolve_dtype(dtype)
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BackboneLoadError(
+                f"backbone directory {path} has no config.json; point model.backbone at a "
+                "directory written by save_pretrained (config.json + *.safetensors)"
+            )
+        source = str(path)
+    elif _looks_like_local_path(name):
+        raise BackboneLoadError(
+            f"backbone directory {path} does not exist; set model.backbone to an existing "
+            "local checkpoint directory or a hub id such as llava-hf/llava-1.5-7b-hf"
+        )
+    else:
+        source = name
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = "HF_HUB_OFFLINE is set, so only the local cache is searched; " if offline else ""
+        raise BackboneLoadError(
+            f"could not load backbone {source!r}: {error}\n{hint}download it first on a "
+            f"machine with network (`hf download {source}`) into the HF cache, "
+            "or save it to a directory and set model.backbone to that path"
+        ) from error
+    return model.eval()
+
+
+def vision_tower_of(model: LlavaForConditionalGeneration) -> nn.Module:
+    """The CLIP vision tower of a Llava model."""
+    return model.model.vision_tower
+
+
+def num_image_tokens(image_size: int, patch_size: int, pool: int = 1) -> int:
+    """Patch tokens per image after dropping CLS and ``pool x pool`` pooling."""
+    grid = image_size // patch_size
+    side = math.ceil(grid / pool)
+    return side * side
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        low, high = float(array.min()), float(array.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = Image.fromarray(((array - low) * scale).astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess_images(
+    images: list[Image.Image],
+    image_size: int,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> torch.Tensor:
+    """CLIP preprocessing: RGB, bicubic shortest-side resize, centre crop, normalise.
+
+    Returns float32 pixel values of shape ``(n, 3, image_size, image_size)``.
+    """
+    out = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
+    mean_array = np.asarray(mean, dtype=np.float32)[:, None, None]
+    std_array = np.asarray(std, dtype=np.float32)[:, None, None]
+    for i, image in enumerate(images):
+        image = _to_rgb(image)
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = max(image_size, int(image_size * long / short))
+        size = (image_size, new_long) if width <= height else (new_long, image_size)
+        image = image.resize(size, resample=Image.Resampling.BICUBIC)
+        width, height = image.size
+        left = (width - image_size) // 2
+        top = (height - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        out[i] = (pixels - mean_array) / std_array
+    return torch.from_numpy(out)
+
+
+def encode_images(
+    vision_tower: nn.Module, pixel_values: torch.Tensor, *, layer: int = -2, pool: int = 1
+) -> torch.Tensor:
+    """Patch features of the frozen vision tower, float16, shape ``(n, tokens, width)``.
+
+    The hidden state of ``layer`` (LLaVA: -2) with CLS dropped, optionally averaged over
+    ``pool x pool`` windows of the patch grid (a ragged last window averages what it has).
+    The result stays on the tower's device.
+    """
+    parameter = next(vision_tower.parameters())
+    if pixel_values.shape[0] == 0:
+        config = vision_tower.config
+        tokens = num_image_tokens(config.image_size, config.patch_size, pool)
+        shape = (0, tokens, config.hidden_size)
+        return torch.zeros(shape, dtype=torch.float16, device=parameter.device)
+    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+    with torch.no_grad():
+        outputs = vision_tower(pixel_values, output_hidden_states=True)
+        features = outputs.hidden_states[layer][:, 1:]
+        if pool > 1:
+            n, tokens, width = features.shape
+            grid = math.isqrt(tokens)
+            if grid * grid != tokens:
+                raise ValueError(f"cannot pool {tokens} patch tokens: not a square grid")
+            grid_features = features.transpose(1, 2).reshape(n, width, grid, grid)
+            pooled = F.avg_pool2d(grid_features.float(), pool, stride=pool, ceil_mode=True)
+            features = pooled.flatten(2).transpose(1, 2)
+    return features.to(torch.float16).contiguous()
+
+
+def image_feature_shape(model: LlavaForConditionalGeneration, pool: int = 1) -> tuple[int, int]:
+    """``(tokens, width)`` of one image's features from :func:`encode_images` on ``model``."""
+    vision = model.config.vision_config
+    tokens = num_image_tokens(vision.image_size, vision.patch_size, pool)
+    return tokens, vision.hidden_size

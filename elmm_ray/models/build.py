@@ -1,0 +1,89 @@
+"""Builders: the only place where a :class:`Config` turns into a tokenizer and an ELMM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from elmm_ray.config import Config
+from elmm_ray.models.backbone import build_tiny_llava, load_backbone, resolve_dtype
+from elmm_ray.models.elmm import ELMM
+from elmm_ray.models.mvtc import MVTC
+from elmm_ray.models.tokenizer import (
+    IMAGE_TOKEN,
+    INVERSE_TOKEN,
+    READOUT_TOKEN,
+    load_tokenizer,
+    prepare_tokenizer,
+    token_id,
+    train_tokenizer,
+)
+
+TINY = "tiny"
+
+
+def build_tokenizer(cfg: Config, texts: Iterable[str]) -> PreTrainedTokenizerBase:
+    """A BPE trained on ``texts`` for the tiny backbone, else the checkpoint's own tokenizer
+    with the prompt's special tokens added (``texts`` is then unused)."""
+    if cfg.model.backbone == TINY:
+        return train_tokenizer(texts, cfg.model.vocab_size)
+    tokenizer = load_tokenizer(cfg.model.backbone)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizerBase) -> ELMM:
+    """The ELMM of ``cfg`` (without LoRA: see :func:`elmm_ray.models.lora.apply_lora`)."""
+    model = cfg.model
+    dtype = resolve_dtype(model.dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        if model.backbone == TINY:
+            backbone = build_tiny_llava(
+                vision_hidden=model.vision_hidden,
+                vision_layers=model.vision_layers,
+                vision_heads=model.vision_heads,
+                image_size=model.image_size,
+                patch_size=model.patch_size,
+                llm_hidden=model.llm_hidden,
+                llm_layers=model.llm_layers,
+                llm_heads=model.llm_heads,
+                llm_kv_heads=model.llm_kv_heads,
+                llm_intermediate=model.llm_intermediate,
+                vocab_size=max(model.vocab_size, len(tokenizer)),
+                image_token_id=token_id(tokenizer, IMAGE_TOKEN),
+                pad_token_id=int(tokenizer.pad_token_id),
+                seed=cfg.seed,
+            ).to(dtype)
+        else:
+            backbone = load_backbone(model.backbone, dtype)
+            if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
+                backbone.resize_token_embeddings(len(tokenizer))
+        feature_layer = backbone.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            raise ValueError(
+                f"backbone {model.backbone!r} concatenates vision layers {feature_layer}; "
+                "only a single vision_feature_layer is supported"
+            )
+        mvtc = None
+        if not model.uncompressed:
+            mvtc = MVTC(
+                feature_dim=backbone.config.vision_config.hidden_size,
+                text_dim=backbone.config.text_config.hidden_size,
+                n_visual=cfg.mvtc.n_visual,
+                n_text=cfg.mvtc.n_text,
+                heads=cfg.mvtc.heads,
+                dim=cfg.mvtc.dim,
+            )
+        readout_id = token_id(tokenizer, READOUT_TOKEN)
+        return ELMM(
+            backbone,
+            mvtc,
+            num_entities=num_entities,
+            readout_token_id=readout_id,
+            temperature=model.temperature,
+            learned_token_ids=(readout_id, token_id(tokenizer, INVERSE_TOKEN)),
+            uncompressed=model.uncompressed,
+        )

@@ -1,0 +1,228 @@
+"""ELMM: a Llava LLM that encodes KG queries into vectors scored against an entity table.
+
+Prompt of a query (one row, right-padded, masked-out tokens packed away)::
+
+    <s> head-entity text  [MVTC tokens of the head's images]  relation text  [<inv>]  <readout>
+
+``<inv>`` marks a head-prediction query ``(t, r^-1, ?)``. The ``<readout>`` position's last
+hidden state -> ``Linear`` -> L2 normalisation is the query vector; an entity is encoded the
+same way without the relation. The vision tower never runs here: the batch carries
+precomputed patch features (see :func:`elmm_ray.models.backbone.encode_images`).
+
+Every trainable piece is a submodule called through its ``forward`` (entity table, learned
+special tokens, readout), so parameter-gathering hooks such as ZeRO-3's see every use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+from elmm_ray.models.mvtc import MVTC
+
+
+class EntityTable(nn.Module):
+    """Learnable entity vectors; ``forward`` scores query vectors against all of them."""
+
+    def __init__(self, num_entities: int, embed_dim: int, temperature: float) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.weight = nn.Parameter(F.normalize(torch.randn(num_entities, embed_dim), dim=-1))
+        self.temperature = float(temperature)
+
+    def forward(self, query_vectors: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each query with each entity, divided by the temperature."""
+        queries = F.normalize(query_vectors.to(self.weight.dtype), dim=-1)
+        return queries @ F.normalize(self.weight, dim=-1).T / self.temperature
+
+
+class LearnedTokens(nn.Module):
+    """Trainable input embeddings for a few special tokens (``<readout>``, ``<inv>``).
+
+    Under LoRA the vocabulary embedding is frozen; these rows replace it for their ids.
+    """
+
+    def __init__(self, token_ids: Sequence[int], initial: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer(
+            "token_ids", torch.tensor(list(token_ids), dtype=torch.long), persistent=False
+        )
+        self.weight = nn.Parameter(initial.detach().clone())
+
+    def forward(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Replace the embeddings of the learned ids in ``embeds (B, L, H)``."""
+        weight = self.weight.to(embeds.dtype)
+        for index in range(self.token_ids.numel()):
+            hit = (input_ids == self.token_ids[index]).unsqueeze(-1)
+            embeds = torch.where(hit, weight[index], embeds)
+        return embeds
+
+
+class ELMM(nn.Module):
+    """Query encoder (Llava LLM + MVTC + readout) and entity table of ELMM."""
+
+    def __init__(
+        self,
+        backbone: LlavaForConditionalGeneration,
+        mvtc: MVTC | None,
+        *,
+        num_entities: int,
+        readout_token_id: int,
+        embed_dim: int = 0,
+        temperature: float = 0.05,
+        learned_token_ids: Sequence[int] = (),
+        uncompressed: bool = False,
+    ) -> None:
+        super().__init__()
+        if mvtc is None and not uncompressed:
+            raise ValueError("an MVTC is needed unless uncompressed=True")
+        self.backbone = backbone
+        self.mvtc = None if uncompressed else mvtc
+        self.uncompressed = uncompressed
+        self.readout_token_id = int(readout_token_id)
+        hidden = backbone.config.text_config.hidden_size
+        self.embed_dim = embed_dim or hidden
+        self.num_entities = num_entities
+        dtype = self.input_embeddings.weight.dtype
+        self.readout = nn.Linear(hidden, self.embed_dim).to(dtype)
+        self.entity_table = EntityTable(num_entities, self.embed_dim, temperature).to(dtype)
+        ids = sorted({int(i) for i in learned_token_ids} | {self.readout_token_id})
+        with torch.no_grad():
+            initial = self.input_embeddings.weight[torch.tensor(ids)]
+        self.learned_tokens = LearnedTokens(ids, initial)
+        if self.mvtc is not None:
+            self.mvtc.to(dtype)
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The Llama base model (decoder layers + final norm, no LM head)."""
+        return self.backbone.model.language_model
+
+    @property
+    def projector(self) -> nn.Module:
+        """Llava's multimodal projector (vision-feature space -> LLM embedding space)."""
+        return self.backbone.model.multi_modal_projector
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    @property
+    def temperature(self) -> float:
+        return self.entity_table.temperature
+
+    def always_trainable(self) -> dict[str, nn.Module]:
+        """Modules that train in full whatever happens to the LLM (LoRA or not)."""
+        modules = {
+            "projector": self.projector,
+            "readout": self.readout,
+            "entity_table": self.entity_table,
+            "learned_tokens": self.learned_tokens,
+        }
+        if self.mvtc is not None:
+            modules["mvtc"] = self.mvtc
+        return modules
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids, with the learned special-token rows."""
+        return self.learned_tokens(input_ids, self.input_embeddings(input_ids))
+
+    def visual_tokens(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected visual prompt tokens ``(B, V, H)`` and their mask ``(B, V)``."""
+        device = self.input_embeddings.weight.device
+        dtype = self.projector.linear_1.weight.dtype
+        features = batch["features"].to(device=device, dtype=dtype)
+        image_mask = batch["image_mask"].to(device=device, dtype=torch.bool)
+        size, images, tokens, width = features.shape
+        patch_tokens = features.reshape(size, images * tokens, width)
+        patch_mask = image_mask.unsqueeze(-1).expand(size, images, tokens).reshape(size, -1)
+        if self.mvtc is None:
+            return self.projector(patch_tokens), patch_mask
+        context_ids = batch["context_ids"].to(device)
+        context = self.embed_tokens(context_ids)
+        compressed, mask = self.mvtc(patch_tokens, patch_mask, context, batch["context_mask"])
+        return self.projector(compressed.to(dtype)), mask
+
+    def build_prompt(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The LLM input: ``inputs_embeds (B, L, H)``, ``attention_mask (B, L)`` and the
+        ``<readout>`` position per row. Masked tokens are packed out (right padding)."""
+        device = self.input_embeddings.weight.device
+        prefix_ids = batch["prefix_ids"].to(device)
+        suffix_ids = batch["suffix_ids"].to(device)
+        visual, visual_mask = self.visual_tokens(batch)
+        embeds = torch.cat(
+            [self.embed_tokens(prefix_ids), visual, self.embed_tokens(suffix_ids)], dim=1
+        )
+        mask = torch.cat(
+            [batch["prefix_mask"].to(device), visual_mask, batch["suffix_mask"].to(device)], dim=1
+        ).bool()
+        is_readout = (
+            torch.cat(
+                [
+                    prefix_ids == self.readout_token_id,
+                    torch.zeros_like(visual_mask),
+                    suffix_ids == self.readout_token_id,
+                ],
+                dim=1,
+            )
+            & mask
+        )
+        if not bool((is_readout.sum(dim=1) == 1).all()):
+            raise ValueError("every prompt needs exactly one <readout> token")
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        length = int(mask.sum(dim=1).max())
+        order = order[:, :length]
+        embeds = torch.gather(embeds, 1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        mask = torch.gather(mask, 1, order)
+        readout_index = torch.gather(is_readout, 1, order).int().argmax(dim=1)
+        return embeds, mask, readout_index
+
+    def _encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        embeds, mask, readout_index = self.build_prompt(batch)
+        hidden = self.language_model(
+            inputs_embeds=embeds.to(self.input_embeddings.weight.dtype),
+            attention_mask=mask.long(),
+        ).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return F.normalize(self.readout(hidden[rows, readout_index]), dim=-1)
+
+    def encode_queries(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised query vectors ``(B, embed_dim)`` of a :class:`QueryCollator` batch."""
+        return self._encode(batch)
+
+    def encode_entities(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised entity vectors ``(B, embed_dim)`` of an entity batch."""
+        return self._encode(batch)
+
+    def score(self, query_vectors: torch.Tensor) -> torch.Tensor:
+        """Scores ``(B, num_entities)``: cosine(query, entity) / temperature."""
+        return self.entity_table(query_vectors)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores of a query batch against every entity, ``(B, num_entities)``."""
+        return self.score(self.encode_queries(batch))
+
+    @torch.no_grad()
+    def init_entity_table(self, vectors: torch.Tensor, start: int = 0) -> None:
+        """Copy entity encodings into rows ``start .. start + len(vectors)`` of the table."""
+        weight = self.entity_table.weight
+        if vectors.ndim != 2 or vectors.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"entity vectors of shape {tuple(vectors.shape)} do not fit the table "
+                f"{tuple(weight.shape)}"
+            )
+        if start < 0 or start + vectors.shape[0] > weight.shape[0]:
+            raise ValueError(
+                f"rows {start}..{start + vectors.shape[0]} are outside the table of "
+                f"{weight.shape[0]} entities"
+            )
+        weight[start : start + vectors.shape[0]] = F.normalize(
+            vectors.to(device=weight.device, dtype=torch.float32), dim=-1
+        ).to(weight.dtype)
