@@ -1,0 +1,79 @@
+"""Human- and machine-readable reports of :func:`elmm_ray.eval.ranking.evaluate_ranking`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _metric_rows(metrics: dict) -> list[tuple[str, dict]]:
+    rows = [(name, metrics[name]) for name in ("overall", "tail", "head") if name in metrics]
+    for category, by_direction in metrics.get("categories", {}).items():
+        for direction in ("tail", "head", "both"):
+            if direction in by_direction:
+                rows.append((f"{category} {direction}", by_direction[direction]))
+    return rows
+
+
+def _hits_keys(metrics: dict) -> list[str]:
+    keys = {key for _, row in _metric_rows(metrics) for key in row if key.startswith("hits@")}
+    return sorted(keys, key=lambda key: int(key.split("@", 1)[1]))
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """Aligned text table: one row per subset (overall, tail, head, category x direction)."""
+    hits = _hits_keys(metrics)
+    header = ["subset", "queries", "MRR", "MR", *[f"Hits@{k.split('@')[1]}" for k in hits],
+              "type-viol"]
+    lines = [header]
+    for name, row in _metric_rows(metrics):
+        lines.append([
+            name,
+            str(row.get("count", "-")),
+            _cell(row.get("mrr"), 4),
+            _cell(row.get("mr"), 1),
+            *[_cell(row.get(key), 4) for key in hits],
+            _cell(row.get("type_violation"), 4),
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = []
+    for i, line in enumerate(lines):
+        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
+        text.append("  ".join(cells))
+        if i == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: numpy scalars/arrays to Python, NaN/inf to null."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_metrics_json(metrics: dict, path: str | Path) -> Path:
+    """Write ``metrics`` as strict JSON (NaN as null), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(metrics), indent=2, sort_keys=False) + "\n",
+                    encoding="utf-8")
+    return path
