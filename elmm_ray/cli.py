@@ -91,17 +91,114 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _config_or_run_dir(target: str, overrides: list[str]) -> Config:
+    """A config file, or a run directory holding the resolved ``config.yaml``."""
+    path = Path(target)
+    if path.is_dir():
+        resolved = path / "config.yaml"
+        if not resolved.is_file():
+            raise FileNotFoundError(f"{path} is a folder without config.yaml (not a run dir)")
+        return load_config(resolved, [f"run_dir={path}", *overrides])
+    return load_config(path, overrides)
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    from elmm_ray.eval.report import format_metrics_table
+
+    print(f"{title} ({metrics['split']}, {metrics['num_queries']:,} queries, filtered)")
+    print(format_metrics_table(metrics))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from elmm_ray import pipeline
-    from elmm_ray.rundir import RunDir
 
     cfg = _config(args)
-    RunDir(cfg.run_dir).write_config(cfg)
     pipeline.run_synth(cfg)
     kg = pipeline.load_dataset(cfg)
-    print_stats(kg.stats(), kg.report.warnings)
-    result = pipeline.run_pack(cfg, kg)
-    print(format_table(result.summary_rows(), title=f"image shards in {result.out_dir}"))
+    pipeline.run_pack(cfg, kg)
+    summary = pipeline.run_train(cfg, kg)
+    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f} s; model in "
+          f"{pipeline.trained_model_dir(cfg)}")
+    print_metrics(summary["metrics"], "test metrics of the trained model")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from elmm_ray import pipeline
+    from elmm_ray.export import is_export
+
+    if is_export(args.config):
+        split = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("eval.split=")),
+                     "")
+        metrics = pipeline.eval_export(args.config, split=split)
+        print_metrics(metrics, f"evaluation of the exported model {args.config}")
+        return 0
+    cfg = _config_or_run_dir(args.config, args.overrides)
+    metrics = pipeline.run_eval(cfg)
+    print_metrics(metrics, f"evaluation of {pipeline.trained_model_dir(cfg)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from elmm_ray import pipeline
+
+    cfg = _config_or_run_dir(args.run_dir, args.overrides)
+    out = pipeline.run_export(cfg, out_dir=args.out)
+    print(f"exported the trained model of {cfg.run_dir} to {out}")
+    return 0
+
+
+def _read_query_tsv(path: str) -> list[tuple[str, str]]:
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{lineno}: expected 'head<TAB>relation', got {line!r}")
+        rows.append((parts[0].strip(), parts[1].strip()))
+    return rows
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from elmm_ray.export import load_export
+
+    if bool(args.head) == bool(args.input):
+        raise ValueError("give either --head NAME_OR_ID --relation REL, or --input FILE.tsv")
+    exported = load_export(args.model_dir)
+    pairs = _read_query_tsv(args.input) if args.input else [(args.head, args.relation)]
+    heads = [exported.entity_id(h) for h, _ in pairs]
+    rels = [exported.relation_id(r) for _, r in pairs]
+    results = exported.predict(heads, rels, inverse=args.inverse, k=args.k)
+    for (head, rel), answers in zip(pairs, results):
+        arrow = f"(?, {rel}, {head})" if args.inverse else f"({head}, {rel}, ?)"
+        rows = [(rank, exported.entities[e], exported.entity_names[e], f"{score:.3f}")
+                for rank, (e, score) in enumerate(answers, 1)]
+        print(format_table(rows, ["rank", "id", "name", "score"], title=arrow))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from elmm_ray import pipeline
+
+    cfg = _config(args)
+    result = pipeline.run_all(cfg)
+    overall = result["metrics"]["overall"]
+    visual = ("all patch tokens" if cfg.model.uncompressed
+              else f"{cfg.mvtc.n_visual + cfg.mvtc.n_text} MVTC")
+    rows = [
+        ("dataset", result["dataset"]),
+        ("model", f"{cfg.model.backbone} ({result['parameters']:,} parameters)"),
+        ("visual tokens per query", visual),
+        ("MRR", f"{overall['mrr']:.4f}"),
+        *[(f"Hits@{k}", f"{overall[f'hits@{k}']:.4f}") for k in cfg.eval.hits_at],
+        ("train time", f"{result['train_seconds']:.1f} s"
+         + (" (already trained: skipped)" if result["skipped_training"] else "")),
+        ("exported model", result["export_dir"]),
+    ]
+    print(format_table(rows, title=f"results ({cfg.eval.split}, filtered, both directions)"))
+    stage_rows = [(stage, f"{seconds:.1f}") for stage, seconds in result["timings"].items()]
+    print(format_table(stage_rows, ["stage", "seconds"], title="wall time by stage"))
     return 0
 
 
@@ -121,7 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("validate", "check a config without running anything").set_defaults(
         func=cmd_validate)
-    with_config("run", "the pipeline: synth -> pack -> stats").set_defaults(func=cmd_run)
+    with_config("run", "the main job: synth -> pack -> extract -> train -> eval -> export"
+                ).set_defaults(func=cmd_run)
+    with_config("train", "train a model (train.backend=local or ray)").set_defaults(
+        func=cmd_train)
+    p = with_config("eval", "filtered ranking: CONFIG, RUN_DIR or an exported MODEL_DIR")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="write the trained model as a self-contained directory")
+    p.add_argument("run_dir", help="run directory (or its config)")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/export")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("predict", help="top-k answers of (head, relation, ?) from an export")
+    p.add_argument("model_dir")
+    p.add_argument("--head", help="entity id or name")
+    p.add_argument("--relation", help="relation id or text")
+    p.add_argument("--input", help="TSV of head<TAB>relation rows (batch form)")
+    p.add_argument("--inverse", action="store_true", help="ask (?, relation, head) instead")
+    p.add_argument("--k", type=int, default=10)
+    p.set_defaults(func=cmd_predict)
     p = with_config("pack", "pack images into Parquet shards: CONFIG, or DATASET_DIR OUT_DIR")
     p.set_defaults(func=cmd_pack)
 
@@ -141,13 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def job_main(command: str, argv: list[str] | None = None) -> int:
+    """Entry of ``jobs/<stage>.py``: ``--config PATH [key=value ...]`` -> ``elmm-ray COMMAND``,
+    so that `ray job submit` and the CLI run one code path."""
+    parser = argparse.ArgumentParser(prog=f"jobs/{command}.py")
+    parser.add_argument("--config", required=True, help="YAML config (or run dir for eval)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    return main([command, args.config, *args.overrides])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, FileNotFoundError, KeyError, ValueError) as err:
+        if args.verbose:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 

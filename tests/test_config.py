@@ -98,3 +98,18 @@ def test_cli_validate(capsys):
     assert main(["validate", demo]) == 0
     assert main(["validate", demo, "train.lerning_rate=1"]) == 2
     assert "train.lerning_rate" in capsys.readouterr().err
+
+
+def test_cluster_files_parse_and_point_at_real_scripts():
+    import re
+
+    paths = sorted((REPO / "cluster").rglob("*.yaml"))
+    assert paths, "cluster/ ships launcher and KubeRay configs"
+    for path in paths:
+        text = path.read_text()
+        docs = list(yaml.safe_load_all(text))
+        assert docs and all(isinstance(d, dict) for d in docs), path
+        for script, config in re.findall(r"python (jobs/\S+\.py) --config (\S+\.yaml)", text):
+            assert (REPO / script).is_file(), f"{path} names missing {script}"
+            assert (REPO / config).is_file(), f"{path} names missing {config}"
+            load_config(REPO / config)

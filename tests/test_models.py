@@ -482,3 +482,37 @@ def test_a_few_steps_decrease_a_contrastive_loss(tokenizer, collator):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+# --- entity image pathway ---------------------------------------------------------------
+
+
+def test_entity_image_adapter_starts_as_the_table_and_handles_missing_images(tokenizer):
+    model = make_model(tokenizer)
+    table = model.entity_table
+    assert table.visual is not None
+    rows = torch.nn.functional.normalize(table.weight, dim=-1)
+    assert torch.allclose(model.entity_vectors(), rows, atol=1e-6)  # zero-initialised last layer
+    features = random_features(len(ENTITY_TEXTS), 2, model)
+    mask = torch.ones(len(ENTITY_TEXTS), 2, dtype=torch.bool)
+    mask[0] = False  # entity 0 has no images
+    mask[1, 1] = False  # entity 1 has one image: the padding image must not count
+    table.set_visual_summary(features, mask)
+    assert torch.equal(table.visual_summary[0], torch.zeros_like(table.visual_summary[0]))
+    one = features[1, 0].float()
+    expected = torch.cat([one.mean(0), one.amax(0)])
+    assert torch.allclose(table.visual_summary[1], expected, atol=1e-5)
+    torch.nn.init.normal_(table.visual[-1].weight)
+    subset = torch.tensor([3, 1])
+    assert torch.allclose(model.entity_vectors(subset), model.entity_vectors()[subset], atol=1e-6)
+    assert torch.isfinite(model.entity_vectors()).all()
+
+
+def test_no_image_ablation_has_no_image_pathway(tokenizer):
+    cfg = tiny_config()
+    cfg.mvtc.n_visual = cfg.mvtc.n_text = 0
+    model = build_elmm(cfg, num_entities=len(ENTITY_TEXTS), tokenizer=tokenizer)
+    assert model.entity_table.visual is None
+    cfg = tiny_config(entity_image_adapter=False)
+    assert build_elmm(cfg, num_entities=len(ENTITY_TEXTS),
+                      tokenizer=tokenizer).entity_table.visual is None

@@ -52,6 +52,9 @@ class ImagesConfig:
     max_shard_bytes: int = opt(
         64 * 1024 * 1024, "upper bound of encoded image bytes per shard", ge=1024
     )
+    feature_store: str = opt(
+        "", "feature store location (local path or cloud URI); empty: <run_dir>/features"
+    )
     max_images_per_entity: int = opt(10, "images used per entity (first N, sorted)", ge=0, le=64)
     min_side: int = opt(
         8, "images with a side below this many pixels count as degenerate", ge=1
@@ -70,6 +73,10 @@ class ModelConfig:
     temperature: float = opt(0.05, "cosine-score temperature", gt=0)
     uncompressed: bool = opt(
         False, "baseline: all projected patch tokens in the prompt instead of MVTC tokens"
+    )
+    entity_image_adapter: bool = opt(
+        True, "entity vectors = table row + a shared adapter over the entity's pooled patch "
+        "features (only when the model reads images)"
     )
     max_text_tokens: int = opt(32, "tokens kept of an entity's name + description", ge=4)
     # Tiny backbone sizes (ignored for a real checkpoint).
@@ -119,6 +126,7 @@ class TrainConfig:
     warmup_steps: int = opt(0, "linear warm-up steps", ge=0)
     grad_clip: float = opt(1.0, "gradient-norm clipping (0 = off)", ge=0)
     num_negatives: int = opt(32, "sampled negatives per query (the negative sample size K)", ge=0)
+    in_batch_negatives: bool = opt(True, "other queries' answers in the batch are negatives")
     knowledge_weight: float = opt(
         0.0, "lambda of L = L_task + lambda * L_knowledge", ge=0
     )
@@ -133,6 +141,10 @@ class TrainConfig:
     max_failures: int = opt(2, "worker failures tolerated (restart from last checkpoint)", ge=0)
     checkpoints_to_keep: int = opt(2, "checkpoints kept (best by val MRR + latest)", ge=1)
     mlflow_uri: str = opt("", "MLflow tracking URI (empty = no MLflow)")
+    fail_at_step: int = opt(
+        0, "fault-injection test hook: rank 0 of the first attempt exits at this step (0 = off)",
+        ge=0,
+    )
 
 
 @dataclass

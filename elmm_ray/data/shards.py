@@ -203,8 +203,10 @@ def pack_images(
     min_side: int = 8,
     num_cpus_per_task: float = 0.5,
     show_progress: bool = True,
+    use_ray: bool = True,
 ) -> PackResult:
-    """Pack every image of ``kg`` into Parquet shards under ``out_dir`` with Ray Data."""
+    """Pack every image of ``kg`` into Parquet shards under ``out_dir`` with Ray Data
+    (``use_ray=False``: the same shards, packed one after another in this process)."""
     start = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -232,7 +234,8 @@ def pack_images(
             stale.unlink()
 
     if todo:
-        results = _run_ray_pack(todo, num_cpus_per_task, show_progress)
+        results = (_run_ray_pack(todo, num_cpus_per_task, show_progress) if use_ray
+                   else [pack_shard(s) for s in todo])
         done.update({r["name"]: r for r in results})
 
     shard_records = [done[s["name"]] for s in shards]

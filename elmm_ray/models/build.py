@@ -86,4 +86,11 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
             temperature=model.temperature,
             learned_token_ids=(readout_id, token_id(tokenizer, INVERSE_TOKEN)),
             uncompressed=model.uncompressed,
+            entity_image_adapter=model.entity_image_adapter and reads_images(cfg),
         )
+
+
+def reads_images(cfg: Config) -> bool:
+    """Whether the configured model looks at pictures at all (the no-image ablation sets
+    both MVTC counts to 0)."""
+    return cfg.model.uncompressed or (cfg.mvtc.n_visual + cfg.mvtc.n_text) > 0

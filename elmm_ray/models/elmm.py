@@ -26,19 +26,57 @@ from elmm_ray.models.mvtc import MVTC
 
 
 class EntityTable(nn.Module):
-    """Learnable entity vectors; ``forward`` scores query vectors against all of them."""
+    """Entity vectors: a learnable row per entity, plus (optionally) an image pathway.
 
-    def __init__(self, num_entities: int, embed_dim: int, temperature: float) -> None:
+    With ``visual_dim`` > 0 each entity's vector is ``row + adapter(summary)`` where
+    ``summary`` is the mean and max of the entity's patch features (set once with
+    :meth:`set_visual_summary`; zeros for an entity without images). The adapter is shared
+    by all entities, so it carries what training learns about pictures to entities whose
+    rows never saw that fact (e.g. a held-out visual attribute of a head-prediction target).
+    Its last layer starts at zero: at initialisation the vectors equal the rows.
+    ``forward(ids)`` returns normalised vectors (all entities when ``ids`` is None); going
+    through ``forward`` keeps the table usable under ZeRO-3 parameter partitioning.
+    """
+
+    def __init__(self, num_entities: int, embed_dim: int, temperature: float,
+                 visual_dim: int = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.weight = nn.Parameter(F.normalize(torch.randn(num_entities, embed_dim), dim=-1))
         self.temperature = float(temperature)
+        self.visual: nn.Sequential | None = None
+        if visual_dim:
+            self.visual = nn.Sequential(
+                nn.LayerNorm(2 * visual_dim), nn.Linear(2 * visual_dim, embed_dim), nn.GELU(),
+                nn.Linear(embed_dim, embed_dim),
+            )
+            nn.init.zeros_(self.visual[-1].weight)
+            nn.init.zeros_(self.visual[-1].bias)
+            self.register_buffer("visual_summary", torch.zeros(num_entities, 2 * visual_dim),
+                                 persistent=False)
 
-    def forward(self, query_vectors: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each query with each entity, divided by the temperature."""
-        queries = F.normalize(query_vectors.to(self.weight.dtype), dim=-1)
-        return queries @ F.normalize(self.weight, dim=-1).T / self.temperature
+    @torch.no_grad()
+    def set_visual_summary(self, features: torch.Tensor, image_mask: torch.Tensor,
+                           start: int = 0) -> None:
+        """Summaries of entities ``start ..`` from ``features (B, images, tokens, width)``."""
+        if self.visual is None:
+            return
+        tokens = features.float().flatten(1, 2)
+        mask = image_mask[:, :, None].expand(-1, -1, features.shape[2]).flatten(1)
+        count = mask.sum(1, keepdim=True).clamp(min=1)
+        mean = (tokens * mask[..., None]).sum(1) / count
+        peak = tokens.masked_fill(~mask[..., None], float("-inf")).amax(1)
+        peak = torch.where(mask.any(1, keepdim=True), peak, torch.zeros_like(peak))
+        summary = torch.cat([mean, peak], dim=-1)
+        self.visual_summary[start : start + len(summary)] = summary.to(self.visual_summary)
+
+    def forward(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        rows = self.weight if ids is None else self.weight[ids]
+        if self.visual is not None:
+            summary = self.visual_summary if ids is None else self.visual_summary[ids]
+            rows = rows + self.visual(summary.to(rows.dtype))
+        return F.normalize(rows, dim=-1)
 
 
 class LearnedTokens(nn.Module):
@@ -77,6 +115,7 @@ class ELMM(nn.Module):
         temperature: float = 0.05,
         learned_token_ids: Sequence[int] = (),
         uncompressed: bool = False,
+        entity_image_adapter: bool = False,
     ) -> None:
         super().__init__()
         if mvtc is None and not uncompressed:
@@ -90,7 +129,9 @@ class ELMM(nn.Module):
         self.num_entities = num_entities
         dtype = self.input_embeddings.weight.dtype
         self.readout = nn.Linear(hidden, self.embed_dim).to(dtype)
-        self.entity_table = EntityTable(num_entities, self.embed_dim, temperature).to(dtype)
+        visual_dim = backbone.config.vision_config.hidden_size if entity_image_adapter else 0
+        self.entity_table = EntityTable(num_entities, self.embed_dim, temperature,
+                                        visual_dim).to(dtype)
         ids = sorted({int(i) for i in learned_token_ids} | {self.readout_token_id})
         with torch.no_grad():
             initial = self.input_embeddings.weight[torch.tensor(ids)]
@@ -201,9 +242,15 @@ class ELMM(nn.Module):
         """L2-normalised entity vectors ``(B, embed_dim)`` of an entity batch."""
         return self._encode(batch)
 
+    def entity_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised entity vectors ``(E or len(ids), embed_dim)``."""
+        return self.entity_table(ids)
+
     def score(self, query_vectors: torch.Tensor) -> torch.Tensor:
         """Scores ``(B, num_entities)``: cosine(query, entity) / temperature."""
-        return self.entity_table(query_vectors)
+        queries = F.normalize(query_vectors, dim=-1)
+        entities = self.entity_vectors()
+        return queries.to(entities.dtype) @ entities.T / self.temperature
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores of a query batch against every entity, ``(B, num_entities)``."""

@@ -1,0 +1,76 @@
+"""Evaluate an ELMM: encode every query of a split, rank all entities, compute metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from elmm_ray.data.collate import QueryCollator
+from elmm_ray.data.image_features import FeatureBank
+from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.eval.ranking import evaluate_ranking, rank_with_vectors
+from elmm_ray.models.elmm import ELMM
+
+
+@torch.no_grad()
+def encode_queries(model: ELMM, collator: QueryCollator, features: FeatureBank,
+                   queries: np.ndarray, batch_size: int) -> torch.Tensor:
+    """Normalised query vectors of ``(entity, qrel, ...)`` rows, in order."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(queries), batch_size):
+        chunk = torch.as_tensor(queries[start : start + batch_size], dtype=torch.long)
+        feats, mask = features.features_for(chunk[:, 0])
+        batch = collator(chunk[:, 0], chunk[:, 1], feats, mask)
+        out.append(model.encode_queries({k: v.to(device) for k, v in batch.items()}).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
+
+
+@torch.no_grad()
+def encode_all_entities(model: ELMM, collator: QueryCollator, features: FeatureBank,
+                        batch_size: int) -> torch.Tensor:
+    """Each entity's own encoding (text + MVTC tokens): the entity table's initial value."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, model.num_entities, batch_size):
+        ids = torch.arange(start, min(start + batch_size, model.num_entities))
+        feats, mask = features.features_for(ids)
+        batch = collator.entity_batch(ids, feats, mask)
+        out.append(model.encode_entities({k: v.to(device) for k, v in batch.items()}).float().cpu())
+    return torch.cat(out)
+
+
+def select_queries(kg: KnowledgeGraph, split: str, max_queries: int, seed: int = 0) -> np.ndarray:
+    """Both directions of ``split``; ``max_queries`` > 0 keeps a seeded subset per direction."""
+    queries = kg.queries(split)
+    if not max_queries:
+        return queries
+    n = len(kg.triples[split])
+    if n <= max_queries:
+        return queries
+    keep = np.sort(np.random.default_rng(seed).choice(n, max_queries, replace=False))
+    return np.concatenate([queries[keep], queries[n + keep]])
+
+
+def evaluate_model(model: ELMM, collator: QueryCollator, features: FeatureBank,
+                   kg: KnowledgeGraph, *, split: str = "test", batch_size: int = 256,
+                   max_queries: int = 0, ks: Sequence[int] = (1, 3, 10)) -> dict:
+    """Filtered ranking metrics of ``split`` (both directions) against every entity."""
+    was_training = model.training
+    model.eval()
+    try:
+        queries = select_queries(kg, split, max_queries)
+        vectors = encode_queries(model, collator, features, queries, batch_size)
+        with torch.no_grad():
+            table = model.entity_vectors().float().cpu()
+        result = rank_with_vectors(vectors, table, queries, kg.filter_index(),
+                                   batch_size=1024, cosine=True, temperature=model.temperature)
+        metrics = evaluate_ranking(result.ranks, result.top1, queries, kg.num_relations,
+                                   kg.relation_categories, kg.triples["train"], ks=ks)
+        metrics["split"] = split
+        metrics["num_queries"] = int(len(queries))
+        return metrics
+    finally:
+        model.train(was_training)

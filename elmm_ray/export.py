@@ -1,0 +1,210 @@
+"""Export a trained run as a self-contained model directory, load it, and predict.
+
+Layout of an export::
+
+    elmm_export.json      format version, sizes, what is inside
+    config.yaml           the resolved config (model.backbone -> ./backbone, LoRA merged)
+    backbone/             the Llava backbone with LoRA merged (save_pretrained, safetensors)
+    elmm.safetensors      MVTC, readout, learned tokens, entity table (+ image adapter) and
+                          the final entity vectors used for scoring
+    features.safetensors  per-entity image features (when under the size limit; otherwise
+                          elmm_export.json names the feature store to read)
+    tokenizer/            the tokenizer
+    entities.tsv, relations.tsv   id, name / text (the vocabularies)
+
+Loading uses safetensors and ``from_pretrained`` only: no pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from elmm_ray.config import Config, dump_config, load_config
+from elmm_ray.data.collate import QueryCollator
+from elmm_ray.data.image_features import FeatureBank
+from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.models.build import build_elmm
+from elmm_ray.models.elmm import ELMM
+from elmm_ray.models.lora import merge_lora
+from elmm_ray.models.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = 1
+MARKER = "elmm_export.json"
+MAX_EMBEDDED_FEATURE_BYTES = 2 * 1024**3
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def _module_state(model: ELMM) -> dict[str, torch.Tensor]:
+    """Everything of the ELMM outside the backbone, by full parameter name."""
+    state = {}
+    for name, module in model.always_trainable().items():
+        if name == "projector":  # part of the backbone's own weights
+            continue
+        for key, value in module.state_dict().items():
+            state[f"{name}.{key}"] = value.detach().contiguous().cpu()
+    return state
+
+
+def export_model(model: ELMM, tokenizer, features, kg: KnowledgeGraph, cfg: Config,
+                 out_dir: str | Path) -> Path:
+    """Write ``model`` (LoRA is merged here, in place) as a self-contained directory."""
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    merged = merge_lora(model)
+    model.eval()
+    model.backbone.save_pretrained(out / "backbone")
+    tokenizer.save_pretrained(out / "tokenizer")
+    state = _module_state(model)
+    with torch.no_grad():
+        state["entity_vectors"] = model.entity_vectors().float().cpu().contiguous()
+    save_file(state, str(out / "elmm.safetensors"))
+
+    feature_bytes = kg.num_entities * int(np.prod(features.feature_shape)) * 2 * max(
+        cfg.images.max_images_per_entity, 1)
+    embedded = feature_bytes <= MAX_EMBEDDED_FEATURE_BYTES
+    if embedded:
+        ids = torch.arange(kg.num_entities)
+        feats, mask = features.features_for(ids)
+        save_file({"features": feats.half().contiguous(), "mask": mask.contiguous()},
+                  str(out / "features.safetensors"))
+    from elmm_ray.pipeline import dataset_dir
+
+    exported_cfg = dataclasses.replace(
+        cfg, run_dir=str(Path(cfg.run_dir).resolve()),
+        dataset=dataclasses.replace(cfg.dataset, path=str(dataset_dir(cfg))),
+        model=dataclasses.replace(cfg.model, backbone="backbone"),
+        lora=dataclasses.replace(cfg.lora, enabled=False))
+    dump_config(exported_cfg, out / "config.yaml")
+    (out / "entities.tsv").write_text("".join(
+        f"{e}\t{kg.entity_names[i]}\t{kg.entity_text(i)}\n" for i, e in enumerate(kg.entities)))
+    (out / "relations.tsv").write_text("".join(
+        f"{r}\t{kg.relation_texts[i]}\n" for i, r in enumerate(kg.relations)))
+    meta = {"format": EXPORT_FORMAT, "dataset": kg.name, "num_entities": kg.num_entities,
+            "num_relations": kg.num_relations, "embed_dim": model.embed_dim,
+            "temperature": model.temperature, "lora_layers_merged": merged,
+            "features": "features.safetensors" if embedded else None,
+            "feature_store": None if embedded else getattr(features, "path", None),
+            "max_images_per_entity": cfg.images.max_images_per_entity,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+@dataclass
+class ExportedModel:
+    """A loaded export: everything needed to encode queries and score all entities."""
+
+    model: ELMM
+    collator: QueryCollator
+    features: object
+    entities: list[str]
+    entity_names: list[str]
+    relations: list[str]
+    relation_texts: list[str]
+    entity_vectors: torch.Tensor
+    config: Config
+    meta: dict
+
+    def entity_id(self, name_or_id: str) -> int:
+        """An entity by its dataset id or its name (case-insensitive, must be unique)."""
+        if name_or_id in self._entity_index:
+            return self._entity_index[name_or_id]
+        matches = [i for i, n in enumerate(self.entity_names) if n.lower() == name_or_id.lower()]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            ids = ", ".join(self.entities[i] for i in matches[:5])
+            raise KeyError(f"entity name {name_or_id!r} is ambiguous ({ids}); give the id")
+        raise KeyError(f"unknown entity {name_or_id!r} (neither an id nor a name of the "
+                       f"{len(self.entities)} entities)")
+
+    def relation_id(self, name_or_text: str) -> int:
+        for i, (r, text) in enumerate(zip(self.relations, self.relation_texts)):
+            if name_or_text in (r, text):
+                return i
+        shown = ", ".join(self.relations[:10]) + (" ..." if len(self.relations) > 10 else "")
+        raise KeyError(f"unknown relation {name_or_text!r}; known: {shown}")
+
+    @property
+    def _entity_index(self) -> dict[str, int]:
+        if not hasattr(self, "_index"):
+            self._index = {e: i for i, e in enumerate(self.entities)}
+        return self._index
+
+    @torch.no_grad()
+    def predict(self, heads: list[int], relations: list[int], *, inverse: bool = False,
+                k: int = 10) -> list[list[tuple[int, float]]]:
+        """Top-``k`` answers of ``(head, relation, ?)`` (or ``(?, relation, head)`` with
+        ``inverse``), as (entity id, score) pairs."""
+        entities = torch.tensor(heads, dtype=torch.long)
+        qrels = torch.tensor(relations, dtype=torch.long) + (len(self.relations) if inverse
+                                                             else 0)
+        feats, mask = self.features.features_for(entities)
+        batch = self.collator(entities, qrels, feats, mask)
+        queries = self.model.encode_queries(batch).float()
+        scores = queries @ self.entity_vectors.T / self.model.temperature
+        top = scores.topk(min(k, scores.shape[1]), dim=1)
+        return [list(zip(i.tolist(), s.tolist())) for i, s in zip(top.indices, top.values)]
+
+
+def _read_tsv(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def load_export(path: str | Path) -> ExportedModel:
+    """Load an export directory written by :func:`export_model`."""
+    path = Path(path)
+    if not is_export(path):
+        raise FileNotFoundError(f"{path} is not an elmm_ray export (missing {MARKER}); "
+                                "write one with `elmm-ray export RUN_DIR`")
+    meta = json.loads((path / MARKER).read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: export format {meta.get('format')} is not supported "
+                         f"(this version reads format {EXPORT_FORMAT})")
+    cfg = load_config(path / "config.yaml", [f"model.backbone={path / 'backbone'}"])
+    tokenizer = load_tokenizer(path / "tokenizer")
+    entity_rows, relation_rows = _read_tsv(path / "entities.tsv"), _read_tsv(path / "relations.tsv")
+    entities, names, prompts = (list(col) for col in zip(*entity_rows))
+    relations, texts = (list(col) for col in zip(*relation_rows))
+    model = build_elmm(cfg, num_entities=len(entities), tokenizer=tokenizer)
+    state = load_file(str(path / "elmm.safetensors"))
+    entity_vectors = state.pop("entity_vectors")
+    modules = model.always_trainable()
+    for name, module in modules.items():
+        if name == "projector":
+            continue
+        prefix = f"{name}."
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(part, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}/elmm.safetensors does not fit the model's {name}: "
+                             f"missing {missing}, unexpected {unexpected}")
+    if meta.get("features"):
+        blob = load_file(str(path / meta["features"]))
+        features = FeatureBank(blob["features"], blob["mask"])
+    else:
+        from elmm_ray.data.features import FeatureStore
+
+        features = FeatureStore.open(meta["feature_store"])
+    model.entity_table.set_visual_summary(*features.features_for(torch.arange(len(entities))))
+    collator = QueryCollator(tokenizer, prompts, texts, len(relations), cfg.model.max_text_tokens)
+    model.eval()
+    return ExportedModel(model, collator, features, entities, names, relations, texts,
+                         entity_vectors, cfg, meta)
+
