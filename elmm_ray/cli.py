@@ -16,7 +16,9 @@ log = logging.getLogger("elmm_ray")
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    from elmm_ray.pipeline import absolute_paths
+
+    return absolute_paths(load_config(args.config, args.overrides))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -98,8 +100,12 @@ def _config_or_run_dir(target: str, overrides: list[str]) -> Config:
         resolved = path / "config.yaml"
         if not resolved.is_file():
             raise FileNotFoundError(f"{path} is a folder without config.yaml (not a run dir)")
-        return load_config(resolved, [f"run_dir={path}", *overrides])
-    return load_config(path, overrides)
+        cfg = load_config(resolved, [f"run_dir={path}", *overrides])
+    else:
+        cfg = load_config(path, overrides)
+    from elmm_ray.pipeline import absolute_paths
+
+    return absolute_paths(cfg)
 
 
 def print_metrics(metrics: dict, title: str) -> None:
@@ -137,6 +143,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics = pipeline.run_eval(cfg)
     print_metrics(metrics, f"evaluation of {pipeline.trained_model_dir(cfg)}")
     return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from elmm_ray.pruning.run import run_prune
+
+    cfg = _config_or_run_dir(args.config, args.overrides)
+    report = run_prune(cfg)
+    print(f"pruned model and report in {Path(cfg.run_dir) / 'prune'}")
+    md = Path(cfg.run_dir) / "prune" / "prune_report.md"
+    if md.is_file():
+        print(md.read_text())
+    return 0 if report else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -224,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_train)
     p = with_config("eval", "filtered ranking: CONFIG, RUN_DIR or an exported MODEL_DIR")
     p.set_defaults(func=cmd_eval)
+    p = with_config("prune", "prune the trained model (prune.method, prune.ratio), fine-tune, "
+                    "report: CONFIG or RUN_DIR")
+    p.set_defaults(func=cmd_prune)
     p = sub.add_parser("export", help="write the trained model as a self-contained directory")
     p.add_argument("run_dir", help="run directory (or its config)")
     p.add_argument("overrides", nargs="*")

@@ -17,6 +17,24 @@ from elmm_ray.rundir import RunDir, read_json
 log = logging.getLogger(__name__)
 
 
+def _absolute(path: str) -> str:
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with every local path made absolute (relative to this process's working
+    directory), so that Ray workers, whose working directory differs, see the same files."""
+    return dataclasses.replace(
+        cfg, run_dir=_absolute(cfg.run_dir),
+        dataset=dataclasses.replace(cfg.dataset, path=_absolute(cfg.dataset.path),
+                                    image_root=_absolute(cfg.dataset.image_root)),
+        images=dataclasses.replace(cfg.images, shard_dir=_absolute(cfg.images.shard_dir),
+                                   feature_store=_absolute(cfg.images.feature_store)),
+    )
+
+
 def dataset_dir(cfg: Config) -> Path:
     """The dataset folder: ``dataset.path``, or ``<run_dir>/data`` for the synthetic set."""
     if cfg.dataset.path:
@@ -212,6 +230,16 @@ def load_trained_context(cfg: Config, kg: KnowledgeGraph):
     return ctx
 
 
+def final_context(cfg: Config, kg: KnowledgeGraph):
+    """The run's final model: the pruned one when the prune stage ran, else the trained one."""
+    from elmm_ray.pruning.run import STAGE, load_pruned_context
+
+    pruned = RunDir(cfg.run_dir).path(STAGE, "model")
+    if cfg.prune.method != "none" and pruned.is_dir():
+        return load_pruned_context(cfg, kg, shard_dir(cfg))
+    return load_trained_context(cfg, kg)
+
+
 def export_dir(cfg: Config) -> Path:
     return RunDir(cfg.run_dir).path("export")
 
@@ -221,7 +249,7 @@ def run_export(cfg: Config, kg: KnowledgeGraph | None = None, out_dir: str | Non
     from elmm_ray.export import export_model
 
     kg = kg or load_dataset(cfg)
-    ctx = load_trained_context(cfg, kg)
+    ctx = final_context(cfg, kg)
     out = export_model(ctx.model, ctx.tokenizer, ctx.features, kg, cfg,
                        out_dir or export_dir(cfg))
     RunDir(cfg.run_dir).write_manifest("export", {"status": "complete", "out_dir": str(out)})
@@ -257,8 +285,9 @@ def train_fingerprint(cfg: Config) -> str:
 
 
 def run_all(cfg: Config, show_progress: bool = True) -> dict:
-    """The main job: synth -> pack -> extract -> train -> eval -> export in one run
-    directory; complete stages are skipped, an interrupted training resumes."""
+    """The main job: synth -> pack -> extract -> entity init -> train -> eval
+    (-> prune + fine-tune when ``prune.method`` is set) -> export, in one run directory;
+    complete stages are skipped, an interrupted training resumes."""
     import time
 
     rd = RunDir(cfg.run_dir)
@@ -286,6 +315,13 @@ def run_all(cfg: Config, show_progress: bool = True) -> dict:
     else:
         timings["train"] = 0.0
         metrics = read_json(rd.path("eval", f"metrics_{cfg.eval.split}.json"))
+    if cfg.prune.method != "none":
+        from elmm_ray.pruning.run import run_prune
+
+        timed("prune", run_prune, cfg, kg, show_progress=show_progress)
+        pruned = rd.read_manifest("prune")
+        fingerprint = f"{fingerprint}-prune-{pruned['fingerprint']}"
+        metrics = {"overall": pruned["post_ft"], "unpruned": metrics["overall"]}
     export_manifest = rd.read_manifest("export") or {}
     if trained and export_manifest.get("fingerprint") == fingerprint:
         out = Path(export_manifest["out_dir"])

@@ -9,6 +9,7 @@ process with 2B queries, and the final parameters must agree to float tolerance.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,10 +138,15 @@ def test_zero3_parity_then_export_eval_and_predict(tmp_path_factory, base, ray_s
 
 
 def test_worker_death_resumes_exactly_from_the_last_checkpoint(tmp_path_factory, base,
-                                                               ray_session, zero2_run):
+                                                               ray_session, zero2_run,
+                                                               monkeypatch):
     reference_cfg, reference = zero2_run
     cfg = _prepared_run(tmp_path_factory, "fault", base, "deepspeed.zero_stage=2",
                         "train.fail_at_step=9", "train.max_failures=1")
+    # A run_dir relative to the driver's working directory (workers run elsewhere).
+    run_dir = Path(cfg.run_dir)
+    monkeypatch.chdir(run_dir.parent)
+    cfg.run_dir = run_dir.name
     summary = train_ray(cfg, pipeline.load_dataset(cfg))
     assert RunDir(cfg.run_dir).path("train", ".fault_injected").is_file()  # it did die
     # The restarted workers resumed from step 6: parameters, optimizer state, data

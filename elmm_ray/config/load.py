@@ -240,8 +240,9 @@ def dump_config(cfg: Config, path: str | Path) -> Path:
 
 
 def config_hash(cfg: Any) -> str:
-    """A stable short hash of a config (or section), for cache keys in manifests."""
+    """A stable short hash of a config, a section or a plain dict, for manifest keys."""
     import hashlib
 
-    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()
+    data = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

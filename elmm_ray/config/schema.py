@@ -179,6 +179,7 @@ class PruneConfig:
     compensation_rank: int = opt(0, "rank of the compensation map (0 = full d x d)", ge=0)
     ridge: float = opt(1e-3, "ridge of the compensation least squares", ge=0)
     finetune_steps: int = opt(100, "fine-tuning steps after each pruning round", ge=0)
+    finetune_lr: float = opt(3e-4, "learning rate of the post-pruning fine-tuning", gt=0)
     knowledge_weight: float = opt(0.5, "lambda during post-pruning fine-tuning", ge=0)
     seed: int = opt(0, "seed of the random baseline and sampling")
 

@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from elmm_ray.config import Config
-from elmm_ray.models.backbone import build_tiny_llava, load_backbone, resolve_dtype
+from elmm_ray.models.backbone import build_tiny_llava, resolve_dtype
 from elmm_ray.models.elmm import ELMM
 from elmm_ray.models.mvtc import MVTC
 from elmm_ray.models.tokenizer import (
@@ -58,7 +58,9 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
                 seed=cfg.seed,
             ).to(dtype)
         else:
-            backbone = load_backbone(model.backbone, dtype)
+            from elmm_ray.pruning.io import load_any_backbone
+
+            backbone = load_any_backbone(model.backbone, dtype)  # plain or pruned
             if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
                 backbone.resize_token_embeddings(len(tokenizer))
         feature_layer = backbone.config.vision_feature_layer

@@ -36,11 +36,17 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph):
     )
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from elmm_ray.pipeline import absolute_paths
     from elmm_ray.train.loop import train_loop_per_worker
 
+    cfg = absolute_paths(cfg)
     tc = cfg.train
     queries = kg.queries("train", tc.both_directions)
+    # Workers read these few integers once; a progress bar would only linger in the log.
+    data_context = ray.data.DataContext.get_current()
+    bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
     dataset = ray.data.from_numpy(queries)
+    data_context.enable_progress_bars = bars
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1

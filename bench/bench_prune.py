@@ -1,0 +1,287 @@
+"""Pruning benchmark: accuracy vs real CPU speedup of every pruning method on the synthetic KG.
+
+A mid-size CPU model (the LLM dominates query-encoding time) is trained briefly with the
+local trainer; then, from that same trained model, each of {knowledge, magnitude, random}
+x ratios {0.2, 0.3, 0.5} (several seeds: calibration sample, random units and fine-tuning
+order) and attention-layer pruning with compensation (1 and 2 of the layers) is applied
+and fine-tuned with the same budget. Every pruned model is timed in turns with the
+unpruned one. Writes bench/results/prune.{json,md,png}.
+
+    .venv/bin/python bench/bench_prune.py            # full (~15 min on 2 CPU cores)
+    .venv/bin/python bench/bench_prune.py --quick    # smoke run (~2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from bench.common import RESULTS, save  # noqa: E402
+from elmm_ray import pipeline  # noqa: E402
+from elmm_ray.config import load_config  # noqa: E402
+from elmm_ray.models.lora import CheckpointMismatchError, merge_lora  # noqa: E402
+from elmm_ray.pruning.base import sample_queries  # noqa: E402
+from elmm_ray.pruning.report import (  # noqa: E402
+    overall_metrics,
+    render_markdown,
+    summarise,
+    timing_batches,
+    write_report,
+)
+from elmm_ray.pruning.run import (  # noqa: E402
+    calibration_data,
+    evaluate,
+    finetune_config,
+    measure,
+    prepare_finetune,
+    prune_schedule,
+    train_local_quiet,
+)
+from elmm_ray.rundir import read_json, write_json_atomic  # noqa: E402
+from elmm_ray.train.context import ModelContext  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "prune_bench"))
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--methods", default="knowledge,magnitude,random")
+    parser.add_argument("--ratios", default="0.2,0.3,0.5")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per structured setting")
+    parser.add_argument("--attention-ratios", default="0.25,0.5",
+                        help="shares of layers for attention pruning ('' = none)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--entities", type=int, default=300)
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--lora", action="store_true",
+                        help="train (and fine-tune) LoRA adapters instead of the whole LLM")
+    parser.add_argument("--finetune-steps", type=int, default=20)
+    parser.add_argument("--finetune-lr", type=float, default=3e-4,
+                        help="peak learning rate of the post-pruning fine-tuning (the "
+                        "stage uses train.learning_rate)")
+    parser.add_argument("--prune-steps", type=int, default=1, help="iterative rounds")
+    parser.add_argument("--calib-samples", type=int, default=64,
+                        help="calibration queries of the structured pruners")
+    parser.add_argument("--attention-calib-samples", type=int, default=256,
+                        help="calibration queries of attention pruning (forward passes only)")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the unpruned model fine-tuned with the same budget")
+    parser.add_argument("--repeats", type=int, default=7, help="timed passes per model")
+    parser.add_argument("--retrain", action="store_true", help="train again even if saved")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default); 1 is the most stable on a "
+                        "shared machine")
+    parser.add_argument("--latency-batch", type=int, default=64, help="queries per timed batch")
+    parser.add_argument("--name", default="prune", help="results name under bench/results")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the md/png/json of bench/results/NAME.json from its runs")
+    args = parser.parse_args(argv)
+    if args.lora and args.run_dir == str(REPO_ROOT / "runs" / "prune_bench"):
+        args.run_dir += "_lora"
+    if args.quick:
+        args.ratios, args.seeds, args.methods = "0.3", 1, "knowledge,magnitude,random"
+        args.attention_ratios, args.train_steps, args.finetune_steps = "0.25", 60, 5
+        args.calib_samples, args.repeats, args.run_dir = 16, 5, args.run_dir + "_quick"
+        args.attention_calib_samples = 32
+        args.name = args.name + "_quick"
+    return args
+
+
+def bench_config(args: argparse.Namespace):
+    overrides = [
+        f"run_dir={args.run_dir}", "train.backend=local", "ray.num_cpus=2",
+        f"dataset.synth.num_entities={args.entities}",
+        f"model.llm_hidden={args.hidden}", f"model.llm_layers={args.layers}",
+        f"model.llm_heads={args.heads}", f"model.llm_kv_heads={args.kv_heads}",
+        f"model.llm_intermediate={args.intermediate}",
+        f"train.max_steps={args.train_steps}", "train.epochs=100", "train.batch_size=32",
+        "train.eval_every=0", "train.val_max_queries=200", "train.warmup_steps=20",
+        "eval.split=test", f"prune.finetune_steps={args.finetune_steps}",
+        f"prune.steps={args.prune_steps}", f"prune.calib_samples={args.calib_samples}",
+        "prune.knowledge_weight=0.5", "prune.min_neurons_per_layer=8",
+        f"lora.enabled={str(args.lora).lower()}",
+    ]
+    return load_config(REPO_ROOT / "configs" / "demo.yaml", overrides)
+
+
+def ensure_trained(cfg, kg, args) -> dict:
+    """Train once per model/data settings (a marker file records them)."""
+    from elmm_ray.train.local import train_local
+
+    marker = Path(cfg.run_dir) / "bench_trained.json"
+    settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+                "synth": dataclasses.asdict(cfg.dataset.synth),
+                "lora": dataclasses.asdict(cfg.lora)}
+    if not args.retrain and marker.is_file():
+        saved = read_json(marker)
+        # fields added to the schema since the marker was written do not force a retrain
+        if all(saved["settings"].get(section, {}).get(key) == value
+               for section, values in settings.items() for key, value in values.items()
+               if key in saved["settings"].get(section, {})):
+            return saved
+    start = time.perf_counter()
+    summary = train_local(cfg, kg, pipeline.shard_dir(cfg), show_progress=False)
+    record = {"settings": settings, "seconds": time.perf_counter() - start,
+              "steps": summary["steps"], "metrics": overall_metrics(summary["metrics"]),
+              "first_loss": summary["losses"][0], "last_loss": summary["losses"][-1]}
+    write_json_atomic(marker, record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render_only:
+        write_outputs(read_json(RESULTS / f"{args.name}.json"), args.name)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    cfg = bench_config(args)
+    pipeline.run_synth(cfg)
+    kg = pipeline.load_dataset(cfg)
+    pipeline.run_pack(cfg, kg, show_progress=False)
+    shard_dir = pipeline.shard_dir(cfg)
+    trained = ensure_trained(cfg, kg, args)
+    print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f}s, "
+          f"test {trained['metrics']}", flush=True)
+
+    try:
+        base_ctx = pipeline.load_trained_context(cfg, kg)
+    except CheckpointMismatchError as error:  # the model code changed since training
+        print(f"saved model does not fit the current code ({str(error)[:120]}...): retraining")
+        args.retrain = True
+        trained = ensure_trained(cfg, kg, args)
+        base_ctx = pipeline.load_trained_context(cfg, kg)
+    merge_lora(base_ctx.model)
+    base = base_ctx.model.eval()
+    base_metrics = overall_metrics(evaluate(cfg, kg, base_ctx))
+    batches = timing_batches(base_ctx.collator, base_ctx.features,
+                             sample_queries(kg.queries("test"), 10**9, 0), args.latency_batch, 1)
+
+    def fresh_context() -> ModelContext:
+        return ModelContext(copy.deepcopy(base), base_ctx.tokenizer, base_ctx.collator,
+                            base_ctx.features)
+
+    runs, attention = [], []
+    ft_train = dataclasses.replace(cfg.train, val_max_queries=25,
+                                   learning_rate=args.finetune_lr)
+    for seed in range(0 if args.no_control else args.seeds):
+        # control: the unpruned model with the same fine-tuning budget
+        t0 = time.perf_counter()
+        run_cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, seed=seed),
+                                      train=ft_train)
+        ctx = fresh_context()
+        prepare_finetune(ctx.model, run_cfg)
+        summary = train_local_quiet(finetune_config(run_cfg), kg, shard_dir, ctx,
+                                    f"bench/control_{seed}", False)
+        post = overall_metrics(summary["metrics"])
+        runs.append({"method": "finetune-only", "ratio": 0.0, "seed": seed, "speedup": 1.0,
+                     "removed_share": 0.0, "pre_ft": base_metrics, "post_ft": post,
+                     "retained_hits1": (post["hits@1"] / base_metrics["hits@1"]
+                                        if base_metrics["hits@1"] else None),
+                     "seconds": time.perf_counter() - t0})
+        print(f"control seed {seed}: hits@1 {base_metrics['hits@1']:.3f} -> "
+              f"{post['hits@1']:.3f} ({runs[-1]['seconds']:.0f}s)", flush=True)
+    settings = [(m, float(r), s) for m in args.methods.split(",") if m
+                for r in args.ratios.split(",") if r for s in range(args.seeds)]
+    settings += [("attention", float(r), 0) for r in args.attention_ratios.split(",") if r]
+    for method, ratio, seed in settings:
+        t0 = time.perf_counter()
+        calib = args.attention_calib_samples if method == "attention" else args.calib_samples
+        run_cfg = dataclasses.replace(cfg, prune=dataclasses.replace(
+            cfg.prune, method=method, ratio=ratio, seed=seed, calib_samples=calib),
+            train=ft_train)
+        ctx = fresh_context()
+        data = calibration_data(run_cfg, kg, ctx, holdout=method == "attention")
+        schedule = prune_schedule(run_cfg, kg, shard_dir, ctx, data,
+                                  out_prefix=f"bench/{method}_{ratio}_{seed}")
+        measured = measure({"unpruned": base, "pruned": ctx.model}, batches,
+                           repeats=args.repeats, base="unpruned")["pruned"]
+        row = {"method": method, "ratio": ratio, "seed": seed, **measured,
+               "removed_share": schedule["removed_share"], "pre_ft": schedule["pre_ft"],
+               "post_ft": schedule["post_ft"],
+               "retained_hits1": (schedule["post_ft"]["hits@1"] / base_metrics["hits@1"]
+                                  if base_metrics["hits@1"] else None),
+               "finetune": [r.get("finetune") for r in schedule["rounds"]],
+               "prune_seconds": sum(r["prune_seconds"] for r in schedule["rounds"]),
+               "seconds": time.perf_counter() - t0}
+        if method == "attention":
+            report = schedule["rounds"][0]["report"]
+            row["label"] = f"{len(report['pruned_layers'])}/{args.layers} layers"
+            attention.append({"label": f"ratio {ratio} (layers {report['pruned_layers']})",
+                              "layers": report["layers"]})
+        runs.append(row)
+        print(f"{method:9s} {ratio:.2f} seed {seed}: speedup {row['speedup']:.2f}x "
+              f"hits@1 {row['pre_ft']['hits@1']:.3f} -> {row['post_ft']['hits@1']:.3f} "
+              f"(removed {row['removed_share']:.3f}, {row['seconds']:.0f}s)", flush=True)
+
+    base_measure = measure({"unpruned": base}, batches, repeats=args.repeats,
+                           base="unpruned")["unpruned"]
+    base_row = {"method": "none", "ratio": 0.0, "seed": 0, **base_measure,
+                "pre_ft": base_metrics, "post_ft": base_metrics, "retained_hits1": 1.0,
+                "removed_share": 0.0}
+    payload = {
+        "settings": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                     "kv_heads": args.kv_heads, "intermediate": args.intermediate,
+                     "entities": args.entities, "train_steps": trained["steps"],
+                     "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr,
+                     "lora": args.lora, "prune_steps": args.prune_steps,
+                     "calib_samples": args.calib_samples, "seeds": args.seeds,
+                     "threads": torch.get_num_threads()},
+        "base": base_row, "runs": runs, "attention": attention, "trained": trained,
+        "notes": [
+            f"latency: {args.repeats} timed passes encoding one batch of {args.latency_batch} "
+            f"test queries (LoRA merged, {torch.get_num_threads()} thread(s)), each pruned "
+            "model timed in turns with the unpruned one; Latency and Speedup use the median "
+            "CPU time of the encoding thread (robust on this shared machine: waiting for a "
+            "core does not count), Wall speedup the best wall-clock times",
+            "peak act. mem: peak of the memory one forward allocates beyond the weights "
+            "(PyTorch profiler)",
+            "compression = share of the LLM's q/k/v/o + MLP parameters removed; attention "
+            "rows: decoder layers whose attention sublayer became a compensation map",
+            f"Hits@1 (pruned) = right after pruning, (+FT) = after {args.finetune_steps} "
+            f"fine-tuning steps (peak lr {args.finetune_lr:g}, "
+            f"{'LoRA' if args.lora else 'whole LLM'}) with L_task + 0.5 L_knowledge per "
+            "round; ± = std over seeds (calibration sample, random units, fine-tuning order)",
+            f"attention pruning: {args.attention_calib_samples} calibration queries, full-rank "
+            "W, ridge 1e-3; reconstruction errors over their tokens (held-out: as many other "
+            "training queries); Reduction (Fro) = 1 - ||h_out - h W||_F / ||h_out - h||_F, "
+            "(MSE) the same with squared errors",
+            "Full model + FT: the unpruned model fine-tuned with the same budget (control "
+            "for what fine-tuning alone adds)",
+        ],
+        "seconds": time.perf_counter() - started,
+    }
+    write_outputs(payload, args.name)
+    return 0
+
+
+def write_outputs(payload: dict, name: str) -> None:
+    """Table rows from the runs, then bench/results/<name>.{json,md,png}."""
+    base = payload.get("base") or next(r for r in payload["rows"] if r["method"] == "none")
+    payload["rows"] = summarise([base, *payload["runs"]])
+    title = "Pruning on the synthetic KG (CPU)"
+    paths = write_report(RESULTS, payload, name=name, title=title)
+    save(name, payload)
+    print(render_markdown(payload, title))
+    print(f"wrote {paths['md']} and {paths['png']} ({payload['seconds']:.0f}s benchmark)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
