@@ -145,6 +145,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from elmm_ray import pipeline
+
+    cfg = _config(args)
+    pipeline.run_synth(cfg)
+    kg = pipeline.load_dataset(cfg)
+    pipeline.run_pack(cfg, kg)
+    result = pipeline.run_extract(cfg, kg)
+    print(format_table(result.summary_rows(), title=f"feature store {result.store_dir}"))
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from elmm_ray.pruning.run import run_prune
 
@@ -242,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_train)
     p = with_config("eval", "filtered ranking: CONFIG, RUN_DIR or an exported MODEL_DIR")
     p.set_defaults(func=cmd_eval)
+    with_config("extract", "image features into the feature store (Ray Data; packs first)"
+                ).set_defaults(func=cmd_extract)
     p = with_config("prune", "prune the trained model (prune.method, prune.ratio), fine-tune, "
                     "report: CONFIG or RUN_DIR")
     p.set_defaults(func=cmd_prune)
