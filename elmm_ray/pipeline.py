@@ -66,8 +66,7 @@ def run_synth(cfg: Config):
 def load_dataset(cfg: Config) -> KnowledgeGraph:
     path = dataset_dir(cfg)
     return load_kg(path, format=cfg.dataset.format, image_root=cfg.dataset.image_root or None,
-                   use_long_text=cfg.dataset.use_long_text,
-                   name=None if cfg.dataset.name == "synthetic" else cfg.dataset.name)
+                   use_long_text=cfg.dataset.use_long_text, name=cfg.dataset.name)
 
 
 def run_pack(cfg: Config, kg: KnowledgeGraph | None = None, show_progress: bool = True):
