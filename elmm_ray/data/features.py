@@ -635,6 +635,7 @@ def extract_features(
     writer_cpus: float = 0.25,
     part_bytes: int = DEFAULT_PART_BYTES,
     part_rows: int = 0,
+    object_store_bytes: int = 0,
     show_progress: bool = True,
     on_part: Callable[[dict], None] | None = None,
 ) -> ExtractResult:
@@ -642,7 +643,8 @@ def extract_features(
     into the feature store ``store_dir`` (Ray must be initialised).
 
     ``part_rows`` (else ``part_bytes`` of features) bounds the images per committed part;
-    ``actor_threads`` > 0 sets torch's threads per actor; ``on_part`` is called on the
+    ``object_store_bytes`` (0: a few batches per actor) bounds the pipeline's object-store
+    use; ``actor_threads`` > 0 sets torch's threads per actor; ``on_part`` is called on the
     driver with each committed part's summary.
     """
     from elmm_ray.data.shards import read_manifest
@@ -683,7 +685,8 @@ def extract_features(
             dtype=dtype, layer=layer, pool=pool, geometry=geometry, actors=actors,
             actor_cpus=actor_cpus, actor_gpus=actor_gpus, actor_threads=actor_threads,
             batch_size=batch_size, decode_cpus=decode_cpus, writer_cpus=writer_cpus,
-            rows_per_part=rows_per_part, show_progress=show_progress)
+            rows_per_part=rows_per_part, object_store_bytes=object_store_bytes,
+            show_progress=show_progress)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["part"])):
                 summary = {k: batch[k][i].item() if hasattr(batch[k][i], "item")
@@ -701,10 +704,9 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
                         dtype: str, layer: int, pool: int, geometry: dict, actors: int,
                         actor_cpus: float, actor_gpus: float, actor_threads: int,
                         batch_size: int, decode_cpus: float, writer_cpus: float,
-                        rows_per_part: int, show_progress: bool):
+                        rows_per_part: int, object_store_bytes: int, show_progress: bool):
     import ray
 
-    ray.data.DataContext.get_current().enable_progress_bars = show_progress
     cpus = ray.cluster_resources().get("CPU", 0.0)
     spare = cpus - actors * actor_cpus
     if cpus and spare < 1.0:
@@ -719,6 +721,17 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
     pixel_bytes = batch_size * 3 * geometry["image_size"] ** 2 * 4
     ds = ray.data.read_parquet(files, columns=["entity", "entity_id", "image_index", "image"],
                                num_cpus=decode_cpus)
+    ctx = ds.context  # this dataset's own copy of the DataContext
+    ctx.enable_progress_bars = show_progress
+    # Decoding runs ahead of the actors until Ray Data's object-store budget is full; a
+    # budget of a few batches per actor keeps memory flat whatever the dataset size.
+    feature_bytes = batch_size * geometry["tokens"] * geometry["width"] * 2
+    budget = object_store_bytes or max(256 * 2**20,
+                                       8 * max(1, actors) * max(pixel_bytes, feature_bytes))
+    # ... and room for two parts, which the writer gathers before writing.
+    budget = max(budget, 2 * rows_per_part * geometry["tokens"] * geometry["width"] * 2)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=budget)
     # One block per batch of encoded images (a shard is one block): the batches decode in
     # parallel and reach the actors as they are ready.
     ds = ds.repartition(target_num_rows_per_block=batch_size)
@@ -726,9 +739,10 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
                         fn_kwargs={"todo": todo, "image_size": geometry["image_size"]},
                         compute=ray.data.TaskPoolStrategy(size=decode_tasks),
                         num_cpus=decode_cpus,
-                        # Besides sizing the tasks, a memory request unlike the actors' keeps
-                        # Ray from fusing decoding into the actors: it must overlap inference.
-                        memory=2 * pixel_bytes + 2**25)
+                        # A decode worker holds torch + transformers (~350 MB) and batches of
+                        # pixels. A memory request unlike the actors' also keeps Ray from
+                        # fusing decoding into the actors: it must overlap inference.
+                        memory=512 * 2**20 + 2 * pixel_bytes)
     ds = ds.map_batches(
         _TowerActor, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={
@@ -854,11 +868,11 @@ def encode_entities_ray(cfg: Any, kg: Any, *, run_dir: str, shard_dir: str, stor
 
     from elmm_ray.config import config_to_dict
 
-    ray.data.DataContext.get_current().enable_progress_bars = show_progress
     num = kg.num_entities
     batch_size = cfg.ray.data_batch_size
     blocks = max(1, min(-(-num // batch_size), 64))
     ds = ray.data.range(num, override_num_blocks=blocks)
+    ds.context.enable_progress_bars = show_progress
     ds = ds.map_batches(
         _EntityEncoder, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={

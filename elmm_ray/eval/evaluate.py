@@ -31,14 +31,18 @@ def encode_queries(model: ELMM, collator: QueryCollator, features: FeatureBank,
 @torch.no_grad()
 def encode_all_entities(model: ELMM, collator: QueryCollator, features: FeatureBank,
                         batch_size: int) -> torch.Tensor:
-    """Each entity's own encoding (text + MVTC tokens): the entity table's initial value."""
+    """Each entity's own encoding (text + MVTC tokens): the entity table's initial value.
+    Runs in eval mode (no dropout), whatever mode the model is in."""
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     out = []
     for start in range(0, model.num_entities, batch_size):
         ids = torch.arange(start, min(start + batch_size, model.num_entities))
         feats, mask = features.features_for(ids)
         batch = collator.entity_batch(ids, feats, mask)
         out.append(model.encode_entities({k: v.to(device) for k, v in batch.items()}).float().cpu())
+    model.train(was_training)
     return torch.cat(out)
 
 

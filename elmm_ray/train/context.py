@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +51,15 @@ def get_tokenizer(cfg: Config, kg: KnowledgeGraph, run_dir: RunDir):
     if path.is_dir():
         return load_tokenizer(path)
     tokenizer = build_tokenizer(cfg, entity_texts(kg) + list(kg.relation_texts))
-    tokenizer.save_pretrained(path)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=run_dir.root))
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not path.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
 
 
@@ -61,7 +72,16 @@ def backbone_source(cfg: Config, kg: KnowledgeGraph, run_dir: RunDir) -> str:
     if not (saved / "config.json").is_file():
         tokenizer = get_tokenizer(cfg, kg, run_dir)
         model = build_elmm(cfg, num_entities=kg.num_entities, tokenizer=tokenizer)
-        model.backbone.save_pretrained(saved)
+        # Written aside and renamed into place: concurrent processes never see half a
+        # backbone, and the first one to finish wins (all build the same seeded weights).
+        tmp = Path(tempfile.mkdtemp(prefix=".backbone.", dir=run_dir.root))
+        model.backbone.save_pretrained(tmp)
+        try:
+            os.rename(tmp, saved)
+        except OSError:
+            if not (saved / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(saved)
 
 

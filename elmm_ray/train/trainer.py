@@ -37,9 +37,11 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from elmm_ray.pipeline import absolute_paths
+    from elmm_ray.train.context import backbone_source
     from elmm_ray.train.loop import train_loop_per_worker
 
     cfg = absolute_paths(cfg)
+    backbone_source(cfg, kg, RunDir(cfg.run_dir))  # tokenizer + backbone before any worker
     tc = cfg.train
     queries = kg.queries("train", tc.both_directions)
     # Workers read these few integers once; a progress bar would only linger in the log.
