@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _shown(value: object) -> str:
+    """Arguments as saved: paths relative to the repository (no machine paths in results)."""
+    if isinstance(value, Path):
+        return os.path.relpath(value.resolve(), Path(__file__).resolve().parents[1])
+    return str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not (args.data / "train.tsv").is_file():
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in figures.items():
         print(f"  {key.ljust(width)}  {value}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+    args.output.write_text(json.dumps({"args": {k: _shown(v) for k, v in vars(args).items()},
                                        "figures": figures}, indent=2) + "\n")
     print(f"saved {args.output}")
     return 0
