@@ -115,13 +115,21 @@ def print_metrics(metrics: dict, title: str) -> None:
     print(format_metrics_table(metrics))
 
 
+def _packed(cfg: Config):
+    """Synth (for the synthetic dataset), load and pack: what every later stage needs."""
+    from elmm_ray import pipeline
+
+    pipeline.run_synth(cfg)
+    kg = pipeline.load_dataset(cfg)
+    pipeline.run_pack(cfg, kg)
+    return kg
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from elmm_ray import pipeline
 
     cfg = _config(args)
-    pipeline.run_synth(cfg)
-    kg = pipeline.load_dataset(cfg)
-    pipeline.run_pack(cfg, kg)
+    kg = _packed(cfg)
     summary = pipeline.run_train(cfg, kg)
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f} s; model in "
           f"{pipeline.trained_model_dir(cfg)}")
@@ -149,10 +157,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from elmm_ray import pipeline
 
     cfg = _config(args)
-    pipeline.run_synth(cfg)
-    kg = pipeline.load_dataset(cfg)
-    pipeline.run_pack(cfg, kg)
-    result = pipeline.run_extract(cfg, kg)
+    result = pipeline.run_extract(cfg, _packed(cfg))
     print(format_table(result.summary_rows(), title=f"feature store {result.store_dir}"))
     return 0
 
