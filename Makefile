@@ -36,9 +36,9 @@ style: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Every benchmark (tens of minutes on 2 cores); each prints a table and saves bench/results/*.json
 bench: $(STAMP)
-	$(BIN)/python bench/bench_load.py
-	$(BIN)/python bench/bench_pack.py
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
