@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +58,3 @@ class RunDir:
     def is_complete(self, stage: str, fingerprint: str) -> bool:
         m = self.read_manifest(stage)
         return bool(m and m.get("status") == "complete" and m.get("fingerprint") == fingerprint)
-
-
-class StageTimer:
-    """Wall time of a stage, for its manifest."""
-
-    def __enter__(self) -> StageTimer:
-        self.start = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from elmm_ray.tables import format_table
+
 
 def _metric_rows(metrics: dict) -> list[tuple[str, dict]]:
     rows = [(name, metrics[name]) for name in ("overall", "tail", "head") if name in metrics]
@@ -35,24 +37,10 @@ def format_metrics_table(metrics: dict) -> str:
     hits = _hits_keys(metrics)
     header = ["subset", "queries", "MRR", "MR", *[f"Hits@{k.split('@')[1]}" for k in hits],
               "type-viol"]
-    lines = [header]
-    for name, row in _metric_rows(metrics):
-        lines.append([
-            name,
-            str(row.get("count", "-")),
-            _cell(row.get("mrr"), 4),
-            _cell(row.get("mr"), 1),
-            *[_cell(row.get(key), 4) for key in hits],
-            _cell(row.get("type_violation"), 4),
-        ])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = []
-    for i, line in enumerate(lines):
-        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
-        text.append("  ".join(cells))
-        if i == 0:
-            text.append("  ".join("-" * w for w in widths))
-    return "\n".join(text)
+    rows = [[name, str(row.get("count", "-")), _cell(row.get("mrr"), 4), _cell(row.get("mr"), 1),
+             *[_cell(row.get(key), 4) for key in hits], _cell(row.get("type_violation"), 4)]
+            for name, row in _metric_rows(metrics)]
+    return format_table(rows, header)
 
 
 def _jsonable(value: Any) -> Any:

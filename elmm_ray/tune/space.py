@@ -2,7 +2,8 @@
 
 A space names config keys (``prune.ratio``) and a distribution for each; every sampled
 value is checked against the schema when the space loads, so a typo fails before a
-sweep starts. :func:`to_tune_param_space` turns it into Ray Tune objects.
+sweep starts. (The sweep runner that turns a space into Ray Tune distributions is not
+written yet.)
 """
 
 from __future__ import annotations
@@ -83,21 +84,3 @@ def load_space(path: str | Path) -> SearchSpace:
     if problems:
         raise ConfigError(problems, str(path))
     return space
-
-
-def to_tune_param_space(space: SearchSpace) -> dict:
-    """Ray Tune distributions keyed by config key."""
-    from ray import tune
-
-    out = {}
-    for key, spec in space.params.items():
-        kind = spec["type"]
-        if kind == "choice":
-            out[key] = tune.choice(spec["values"])
-        elif kind == "uniform":
-            out[key] = tune.uniform(spec["low"], spec["high"])
-        elif kind == "loguniform":
-            out[key] = tune.loguniform(spec["low"], spec["high"])
-        else:
-            out[key] = tune.randint(spec["low"], spec["high"])
-    return out
