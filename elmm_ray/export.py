@@ -68,7 +68,7 @@ def export_model(model: ELMM, tokenizer, features, kg: KnowledgeGraph, cfg: Conf
     out.mkdir(parents=True)
     merged = merge_lora(model)
     model.eval()
-    from elmm_ray.pruning.io import is_pruned, save_pruned_backbone
+    from elmm_ray.models.pruned import is_pruned, save_pruned_backbone
 
     if is_pruned(model):  # per-layer shapes differ from config.json: save them with the weights
         save_pruned_backbone(model, out / "backbone")

@@ -21,27 +21,31 @@ from elmm_ray.losses.knowledge import knowledge_loss  # noqa: E402
 from elmm_ray.models.backbone import image_feature_shape  # noqa: E402
 from elmm_ray.models.build import build_elmm, build_tokenizer  # noqa: E402
 from elmm_ray.models.lora import apply_lora, load_trainable, merge_lora, save_trainable  # noqa: E402
-from elmm_ray.pruning import PRUNERS, PruneOptions, Pruner, make_pruner  # noqa: E402
-from elmm_ray.pruning.attention import (  # noqa: E402
-    AttentionPruner,
-    attention_similarity,
-    collect_attention_io,
-    decoder_layers,
-    is_compensated,
-)
-from elmm_ray.pruning.base import CalibrationData  # noqa: E402
-from elmm_ray.pruning.compensation import (  # noqa: E402
-    LinearCompensation,
-    fit_compensation,
-    reconstruction_errors,
-)
-from elmm_ray.pruning.io import (  # noqa: E402
+from elmm_ray.models.pruned import (  # noqa: E402
     SPEC_FILE,
     is_pruned_backbone,
     load_pruned_backbone,
     load_pruned_weights,
     pruning_spec,
     save_pruned_backbone,
+)
+from elmm_ray.models.surgery import (  # noqa: E402
+    LinearCompensation,
+    decoder_layers,
+    is_compensated,
+    remove_kv_groups,
+    remove_neurons,
+)
+from elmm_ray.pruning import PRUNERS, PruneOptions, Pruner, make_pruner  # noqa: E402
+from elmm_ray.pruning.attention import (  # noqa: E402
+    AttentionPruner,
+    attention_similarity,
+    collect_attention_io,
+)
+from elmm_ray.pruning.base import CalibrationData  # noqa: E402
+from elmm_ray.pruning.compensation import (  # noqa: E402
+    fit_compensation,
+    reconstruction_errors,
 )
 from elmm_ray.pruning.structured import (  # noqa: E402
     knowledge_importance,
@@ -51,8 +55,6 @@ from elmm_ray.pruning.structured import (  # noqa: E402
     plan_removal,
     prunable_parameters,
     random_importance,
-    remove_kv_groups,
-    remove_neurons,
     remove_units,
     unit_costs,
 )

@@ -58,7 +58,7 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
                 seed=cfg.seed,
             ).to(dtype)
         else:
-            from elmm_ray.pruning.io import load_any_backbone
+            from elmm_ray.models.pruned import load_any_backbone
 
             backbone = load_any_backbone(model.backbone, dtype)  # plain or pruned
             if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:

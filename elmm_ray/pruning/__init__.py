@@ -3,18 +3,14 @@ of KV groups and MLP neurons (knowledge-guided, magnitude, random), with physica
 
 Every method has the same shape (:class:`Pruner`: score -> plan -> apply -> report) and
 lives in :data:`PRUNERS`. Pure PyTorch: no Ray, no DeepSpeed. The stage that reads the
-config is :func:`elmm_ray.pruning.run.run_prune`.
+config is :mod:`elmm_ray.stages.prune`; the modules and in-place edits that change the
+model's shape, and the pruned backbone's file format, live in :mod:`elmm_ray.models.surgery`
+and :mod:`elmm_ray.models.pruned`.
 """
 
 from elmm_ray.pruning.attention import AttentionPruner, attention_similarity
 from elmm_ray.pruning.base import CalibrationData, PruneOptions, Pruner, sample_queries
-from elmm_ray.pruning.compensation import LinearCompensation, fit_compensation
-from elmm_ray.pruning.io import (
-    load_any_backbone,
-    load_pruned_backbone,
-    load_pruned_weights,
-    save_pruned_backbone,
-)
+from elmm_ray.pruning.compensation import fit_compensation
 from elmm_ray.pruning.structured import (
     KnowledgePruner,
     MagnitudePruner,
@@ -47,7 +43,6 @@ __all__ = [
     "AttentionPruner",
     "CalibrationData",
     "KnowledgePruner",
-    "LinearCompensation",
     "MagnitudePruner",
     "PruneOptions",
     "Pruner",
@@ -56,12 +51,8 @@ __all__ = [
     "attention_similarity",
     "fit_compensation",
     "knowledge_importance",
-    "load_any_backbone",
-    "load_pruned_backbone",
-    "load_pruned_weights",
     "make_pruner",
     "plan_removal",
     "remove_units",
     "sample_queries",
-    "save_pruned_backbone",
 ]

@@ -21,28 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from elmm_ray.models.elmm import ELMM
+from elmm_ray.models.surgery import (
+    LinearCompensation,
+    decoder_layers,
+    is_compensated,
+    replace_attention,
+)
 from elmm_ray.pruning.base import CalibrationData, Pruner, model_device
 from elmm_ray.pruning.compensation import (
-    LinearCompensation,
     fit_compensation,
     reconstruction_errors,
 )
-
-
-def decoder_layers(model: ELMM) -> nn.ModuleList:
-    """The Llama decoder layers of the ELMM's LLM."""
-    return model.language_model.layers
-
-
-def is_compensated(layer: nn.Module) -> bool:
-    """Whether the layer's attention sublayer was replaced by a :class:`LinearCompensation`."""
-    return isinstance(layer.self_attn, LinearCompensation)
-
-
-def replace_attention(layer: nn.Module, module: LinearCompensation) -> None:
-    """Swap ``layer.self_attn`` for ``module`` and drop the now unused input norm."""
-    layer.input_layernorm = nn.Identity()
-    layer.self_attn = module
 
 
 def _attention_params(layer: nn.Module) -> int:

@@ -1,106 +1,15 @@
-"""Linear compensation of a removed attention sublayer (ELMM).
-
-A decoder layer computes ``h_mid = h + attn(norm(h))``. When its attention is pruned the
-layer computes ``h_mid ~= h @ W + b`` instead, with ``W = I + D`` fitted by ridge least
-squares on calibration states. :class:`LinearCompensation` stands in for ``self_attn``
-and returns ``h @ D + b`` (the decoder adds the residual ``h`` itself); the layer's
-``input_layernorm`` becomes an identity so that the module sees the un-normed ``h``.
-Parametrising the deviation ``D`` from the identity keeps the residual stream exact, makes
-the ridge shrink ``W`` towards plain removal (``W = I``), and lets a rank-``r`` variant
-store ``D = down @ up`` (``2 d r`` numbers instead of ``d^2``).
+"""Fitting the linear compensation of a removed attention sublayer (ELMM): ridge least
+squares from the calibration states entering the layer to those after its attention
+sublayer (see :class:`elmm_ray.models.surgery.LinearCompensation` for the parametrisation),
+and the reconstruction errors that the prune report shows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-
-class LinearCompensation(nn.Module):
-    """Replacement of a decoder layer's ``self_attn``: ``h -> (h @ D + b, None)``.
-
-    ``rank = 0``: ``D`` is a full ``d x d`` parameter (``delta``); ``rank = r``:
-    ``D = down (d x r) @ up (r x d)``. ``weight`` gives the full ``W = I + D``.
-    """
-
-    def __init__(self, hidden_size: int, rank: int = 0, bias: bool = True,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None
-                 ) -> None:
-        super().__init__()
-        if rank < 0 or rank > hidden_size:
-            raise ValueError(f"compensation rank must be in [0, {hidden_size}], got {rank}")
-        self.hidden_size, self.rank = hidden_size, rank
-        kw = {"dtype": dtype, "device": device}
-        if rank:
-            self.down = nn.Parameter(torch.zeros(hidden_size, rank, **kw))
-            self.up = nn.Parameter(torch.zeros(rank, hidden_size, **kw))
-        else:
-            self.delta = nn.Parameter(torch.zeros(hidden_size, hidden_size, **kw))
-        self.bias = nn.Parameter(torch.zeros(hidden_size, **kw)) if bias else None
-
-    @property
-    def has_bias(self) -> bool:
-        return self.bias is not None
-
-    def delta_matrix(self) -> Tensor:
-        """``D = W - I``."""
-        return self.down @ self.up if self.rank else self.delta
-
-    @property
-    def weight(self) -> Tensor:
-        """The full map ``W = I + D`` of ``h_mid = h @ W + b``."""
-        delta = self.delta_matrix()
-        return torch.eye(self.hidden_size, dtype=delta.dtype, device=delta.device) + delta
-
-    def forward(self, hidden_states: Tensor, *args: object, **kwargs: object
-                ) -> tuple[Tensor, None]:
-        """Same call and return shape as ``LlamaAttention`` (extra arguments are ignored)."""
-        if self.rank:
-            out = (hidden_states @ self.down) @ self.up
-        else:
-            out = hidden_states @ self.delta
-        if self.bias is not None:
-            out = out + self.bias
-        return out, None
-
-    @torch.no_grad()
-    def load_fit(self, fit: CompensationFit) -> None:
-        """Copy a :func:`fit_compensation` result into the parameters."""
-        if fit.rank != self.rank or (fit.bias is not None) != self.has_bias:
-            raise ValueError("the fit's rank/bias do not match this module")
-        if self.rank:
-            self.down.copy_(fit.down.to(self.down.dtype))
-            self.up.copy_(fit.up.to(self.up.dtype))
-        else:
-            self.delta.copy_(fit.delta.to(self.delta.dtype))
-        if self.bias is not None:
-            self.bias.copy_(fit.bias.to(self.bias.dtype))
-
-    def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, rank={self.rank}, bias={self.has_bias}"
-
-
-@dataclass
-class CompensationFit:
-    """A fitted ``W = I + D`` (``D = down @ up`` when ``rank > 0``) and bias, float32."""
-
-    delta: Tensor
-    bias: Tensor | None
-    rank: int = 0
-    down: Tensor | None = None
-    up: Tensor | None = None
-
-    @property
-    def weight(self) -> Tensor:
-        return torch.eye(self.delta.shape[0], dtype=self.delta.dtype) + self.delta
-
-    def predict(self, inputs: Tensor) -> Tensor:
-        """``inputs @ W + b``."""
-        x = inputs.to(self.delta.dtype)
-        out = x + x @ self.delta
-        return out + self.bias if self.bias is not None else out
+from elmm_ray.models.surgery import CompensationFit
 
 
 def fit_compensation(inputs: Tensor, outputs: Tensor, *, ridge: float = 1e-3, rank: int = 0,

@@ -33,10 +33,10 @@ from elmm_ray.models.lora import (
     save_trainable,
     set_trainable,
 )
+from elmm_ray.models.pruned import load_pruned_weights, save_pruned_backbone
+from elmm_ray.models.surgery import LinearCompensation
 from elmm_ray.pruning import make_pruner
 from elmm_ray.pruning.base import CalibrationData, PruneOptions, sample_queries
-from elmm_ray.pruning.compensation import LinearCompensation
-from elmm_ray.pruning.io import load_pruned_weights, save_pruned_backbone
 from elmm_ray.pruning.report import (
     compare_latency,
     count_parameters,

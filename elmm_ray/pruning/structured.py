@@ -37,39 +37,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from elmm_ray.losses.knowledge import knowledge_loss
 from elmm_ray.models.elmm import ELMM
-from elmm_ray.pruning.attention import decoder_layers, is_compensated
+from elmm_ray.models.surgery import (
+    attention_shape,
+    base_linear,
+    decoder_layers,
+    is_compensated,
+    remove_kv_groups,
+    remove_neurons,
+)
 from elmm_ray.pruning.base import CalibrationData, Pruner, model_device
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def base_linear(module: nn.Module) -> nn.Linear:
-    """The plain ``nn.Linear`` under a (possibly LoRA-wrapped) projection."""
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-def _plain(module: nn.Module, what: str) -> nn.Linear:
-    if isinstance(module, BaseTunerLayer):
-        raise ValueError(f"{what} carries a LoRA adapter: merge LoRA (merge_lora) before "
-                         "structured pruning and apply new adapters afterwards")
-    return module
-
-
 # --- shapes and parameter counts -----------------------------------------------------------
-
-
-def attention_shape(attn: nn.Module) -> tuple[int, int, int, int]:
-    """``(query heads, kv heads, head_dim, query heads per kv head)`` of a Llama attention."""
-    head_dim = int(attn.head_dim)
-    heads = base_linear(attn.q_proj).out_features // head_dim
-    kv_heads = base_linear(attn.k_proj).out_features // head_dim
-    return heads, kv_heads, head_dim, int(attn.num_key_value_groups)
 
 
 def layer_shapes(model: ELMM) -> list[dict]:
@@ -337,68 +323,6 @@ def plan_removal(model: ELMM, scores: UnitScores, amount: float, *, scope: str =
 
 
 # --- physical removal --------------------------------------------------------------------------
-
-
-def _slice_linear(module: nn.Module, keep: Tensor, dim: int, what: str) -> nn.Linear:
-    linear = _plain(module, what)
-    weight = linear.weight.detach().index_select(dim, keep.to(linear.weight.device))
-    out_features, in_features = weight.shape
-    new = nn.Linear(in_features, out_features, bias=linear.bias is not None,
-                    device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if linear.bias is not None:
-            bias = linear.bias.detach()
-            new.bias.copy_(bias.index_select(0, keep.to(bias.device)) if dim == 0 else bias)
-    new.weight.requires_grad_(linear.weight.requires_grad)
-    if new.bias is not None:
-        new.bias.requires_grad_(linear.bias.requires_grad)
-    return new
-
-
-def _keep(total: int, remove: Sequence[int], what: str) -> list[int]:
-    drop = set(int(i) for i in remove)
-    if any(i < 0 or i >= total for i in drop):
-        raise IndexError(f"{what}: indices {sorted(drop)} out of range for {total}")
-    return [i for i in range(total) if i not in drop]
-
-
-def _spans(keep: Sequence[int], width: int) -> Tensor:
-    return torch.cat([torch.arange(i * width, (i + 1) * width) for i in keep])
-
-
-def remove_kv_groups(attn: nn.Module, groups: Sequence[int]) -> None:
-    """Remove KV groups (a KV head and its query heads) from a Llama attention in place."""
-    heads, kv_heads, head_dim, rep = attention_shape(attn)
-    keep = _keep(kv_heads, groups, "kv groups")
-    if not keep:
-        raise ValueError("cannot remove every KV group of a layer (prune the layer instead)")
-    if len(keep) == kv_heads:
-        return
-    q_rows, kv_rows = _spans(keep, rep * head_dim), _spans(keep, head_dim)
-    attn.q_proj = _slice_linear(attn.q_proj, q_rows, 0, "q_proj")
-    attn.k_proj = _slice_linear(attn.k_proj, kv_rows, 0, "k_proj")
-    attn.v_proj = _slice_linear(attn.v_proj, kv_rows, 0, "v_proj")
-    attn.o_proj = _slice_linear(attn.o_proj, q_rows, 1, "o_proj")
-    # LlamaAttention's forward reads head_dim and num_key_value_groups (both unchanged)
-    # and infers the head count from the projection's width; these are for the record.
-    attn.num_heads = len(keep) * rep
-    attn.num_key_value_heads = len(keep)
-
-
-def remove_neurons(mlp: nn.Module, neurons: Sequence[int]) -> None:
-    """Remove intermediate neurons from a Llama MLP in place."""
-    total = base_linear(mlp.gate_proj).out_features
-    keep = _keep(total, neurons, "neurons")
-    if not keep:
-        raise ValueError("cannot remove every neuron of an MLP")
-    if len(keep) == total:
-        return
-    rows = torch.tensor(keep)
-    mlp.gate_proj = _slice_linear(mlp.gate_proj, rows, 0, "gate_proj")
-    mlp.up_proj = _slice_linear(mlp.up_proj, rows, 0, "up_proj")
-    mlp.down_proj = _slice_linear(mlp.down_proj, rows, 1, "down_proj")
-    mlp.intermediate_size = len(keep)
 
 
 def remove_units(model: ELMM, heads: dict[int, list[int]], neurons: dict[int, list[int]]

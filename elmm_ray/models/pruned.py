@@ -27,12 +27,13 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from elmm_ray.models.backbone import resolve_dtype
 from elmm_ray.models.elmm import ELMM
-from elmm_ray.pruning.compensation import LinearCompensation
-from elmm_ray.pruning.structured import (
+from elmm_ray.models.surgery import (
+    LinearCompensation,
     attention_shape,
     base_linear,
     remove_kv_groups,
     remove_neurons,
+    replace_attention,
 )
 
 SPEC_FILE = "pruning.json"
@@ -97,8 +98,6 @@ def apply_pruning_spec(model: ELMM | LlavaForConditionalGeneration, spec: dict) 
         raise ValueError(
             f"pruning spec is for {spec['num_layers']} layers of width {spec['hidden_size']}, "
             f"the backbone has {len(layers)} of width {text.hidden_size}")
-    from elmm_ray.pruning.attention import replace_attention
-
     for entry, layer in zip(spec["layers"], layers):
         if any(isinstance(m, BaseTunerLayer) for m in layer.modules()):
             raise ValueError("apply the pruning spec before LoRA adapters are added")
