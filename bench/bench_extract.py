@@ -154,7 +154,7 @@ def run_one(spec: dict) -> dict:
                 "threads": torch.get_num_threads()}
 
     from elmm_ray.config import RayConfig
-    from elmm_ray.data.features import extract_features
+    from elmm_ray.data.extraction import extract_features
     from elmm_ray.ray_session import init_ray
 
     init_ray(RayConfig(num_cpus=2))

@@ -16,11 +16,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, save  # noqa: E402
 
-from elmm_ray import pipeline  # noqa: E402
 from elmm_ray.config import load_config  # noqa: E402
+from elmm_ray.data.dataset import load_dataset  # noqa: E402
 from elmm_ray.data.shards import pack_images  # noqa: E402
+from elmm_ray.layout import absolute_paths  # noqa: E402
+from elmm_ray.stages import run_stage  # noqa: E402
+from elmm_ray.stages.train import evaluate  # noqa: E402
 from elmm_ray.tables import format_table  # noqa: E402
-from elmm_ray.train.local import train_local  # noqa: E402
+from elmm_ray.train.context import load_trained_context  # noqa: E402
+from elmm_ray.train.loop import train_local  # noqa: E402
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 
@@ -34,19 +38,21 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_learning_") as tmp:
         root = Path(tmp)
-        base = load_config(DEMO, [f"run_dir={root / 'data'}", *args.overrides])
-        pipeline.run_synth(base)
-        kg = pipeline.load_dataset(base)
+        base = absolute_paths(load_config(DEMO, [f"run_dir={root / 'data'}",
+                                                 *args.overrides]))
+        run_stage("synth", base, show_progress=False)
+        kg = load_dataset(base)
         pack_images(kg, root / "data" / "shards", use_ray=False)
         for i, (name, extra) in enumerate(runs.items()):
-            cfg = load_config(DEMO, [f"run_dir={root / f'run{i}'}", "train.backend=local",
+            cfg = absolute_paths(load_config(DEMO, [
+                                     f"run_dir={root / f'run{i}'}", "train.backend=local",
                                      f"dataset.path={root / 'data' / 'data'}",
                                      "dataset.name=synth",
                                      f"images.shard_dir={root / 'data' / 'shards'}",
                                      f"train.max_minutes={args.minutes}", *args.overrides,
-                                     *extra])
-            summary = train_local(cfg, kg, pipeline.shard_dir(cfg), show_progress=False)
-            m = summary["metrics"]
+                                     *extra]))
+            summary = train_local(cfg, kg, show_progress=False)
+            m = evaluate(cfg, kg, load_trained_context(cfg, kg))
             results[name] = {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
                              **{d: {k: m[d][k] for k in ("mrr", "hits@1", "hits@3", "hits@10")}
                                 for d in ("overall", "tail", "head")}}

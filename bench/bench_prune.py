@@ -29,8 +29,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from bench.common import RESULTS, save  # noqa: E402
-from elmm_ray import pipeline  # noqa: E402
 from elmm_ray.config import load_config  # noqa: E402
+from elmm_ray.data.dataset import load_dataset  # noqa: E402
+from elmm_ray.layout import absolute_paths, read_json, write_json_atomic  # noqa: E402
 from elmm_ray.models.lora import CheckpointMismatchError, merge_lora  # noqa: E402
 from elmm_ray.pruning.base import sample_queries  # noqa: E402
 from elmm_ray.pruning.report import (  # noqa: E402
@@ -40,17 +41,17 @@ from elmm_ray.pruning.report import (  # noqa: E402
     timing_batches,
     write_report,
 )
-from elmm_ray.pruning.run import (  # noqa: E402
+from elmm_ray.stages import run_stage  # noqa: E402
+from elmm_ray.stages.prune import (  # noqa: E402
     calibration_data,
-    evaluate,
+    finetune,
     finetune_config,
     measure,
-    prepare_finetune,
     prune_schedule,
-    train_local_quiet,
 )
-from elmm_ray.rundir import read_json, write_json_atomic  # noqa: E402
-from elmm_ray.train.context import ModelContext  # noqa: E402
+from elmm_ray.stages.train import evaluate  # noqa: E402
+from elmm_ray.train.context import ModelContext, load_trained_context  # noqa: E402
+from elmm_ray.train.loop import train_local  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -122,8 +123,6 @@ def bench_config(args: argparse.Namespace):
 
 def ensure_trained(cfg, kg, args) -> dict:
     """Train once per model/data settings (a marker file records them)."""
-    from elmm_ray.train.local import train_local
-
     marker = Path(cfg.run_dir) / "bench_trained.json"
     settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
                 "synth": dataclasses.asdict(cfg.dataset.synth),
@@ -136,9 +135,10 @@ def ensure_trained(cfg, kg, args) -> dict:
                if key in saved["settings"].get(section, {})):
             return saved
     start = time.perf_counter()
-    summary = train_local(cfg, kg, pipeline.shard_dir(cfg), show_progress=False)
+    summary = train_local(cfg, kg, show_progress=False)
+    metrics = evaluate(cfg, kg, load_trained_context(cfg, kg))
     record = {"settings": settings, "seconds": time.perf_counter() - start,
-              "steps": summary["steps"], "metrics": overall_metrics(summary["metrics"]),
+              "steps": summary["steps"], "metrics": overall_metrics(metrics),
               "first_loss": summary["losses"][0], "last_loss": summary["losses"][-1]}
     write_json_atomic(marker, record)
     return record
@@ -152,22 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    cfg = bench_config(args)
-    pipeline.run_synth(cfg)
-    kg = pipeline.load_dataset(cfg)
-    pipeline.run_pack(cfg, kg, show_progress=False)
-    shard_dir = pipeline.shard_dir(cfg)
+    cfg = absolute_paths(bench_config(args))
+    run_stage("pack", cfg, show_progress=False)
+    kg = load_dataset(cfg)
     trained = ensure_trained(cfg, kg, args)
     print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f}s, "
           f"test {trained['metrics']}", flush=True)
 
     try:
-        base_ctx = pipeline.load_trained_context(cfg, kg)
+        base_ctx = load_trained_context(cfg, kg)
     except CheckpointMismatchError as error:  # the model code changed since training
         print(f"saved model does not fit the current code ({str(error)[:120]}...): retraining")
         args.retrain = True
         trained = ensure_trained(cfg, kg, args)
-        base_ctx = pipeline.load_trained_context(cfg, kg)
+        base_ctx = load_trained_context(cfg, kg)
     merge_lora(base_ctx.model)
     base = base_ctx.model.eval()
     base_metrics = overall_metrics(evaluate(cfg, kg, base_ctx))
@@ -187,10 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, seed=seed),
                                       train=ft_train)
         ctx = fresh_context()
-        prepare_finetune(ctx.model, run_cfg)
-        summary = train_local_quiet(finetune_config(run_cfg), kg, shard_dir, ctx,
-                                    f"bench/control_{seed}", False)
-        post = overall_metrics(summary["metrics"])
+        finetune(finetune_config(run_cfg), kg, ctx, f"bench/control_{seed}", False)
+        post = overall_metrics(evaluate(run_cfg, kg, ctx))
         runs.append({"method": "finetune-only", "ratio": 0.0, "seed": seed, "speedup": 1.0,
                      "removed_share": 0.0, "pre_ft": base_metrics, "post_ft": post,
                      "retained_hits1": (post["hits@1"] / base_metrics["hits@1"]
@@ -209,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             train=ft_train)
         ctx = fresh_context()
         data = calibration_data(run_cfg, kg, ctx, holdout=method == "attention")
-        schedule = prune_schedule(run_cfg, kg, shard_dir, ctx, data,
+        schedule = prune_schedule(run_cfg, kg, ctx, data,
                                   out_prefix=f"bench/{method}_{ratio}_{seed}")
         measured = measure({"unpruned": base, "pruned": ctx.model}, batches,
                            repeats=args.repeats, base="unpruned")["pruned"]

@@ -20,11 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, save  # noqa: E402
 
-from elmm_ray import pipeline  # noqa: E402
 from elmm_ray.config import RayConfig, load_config  # noqa: E402
+from elmm_ray.data.dataset import load_dataset  # noqa: E402
 from elmm_ray.data.shards import pack_images  # noqa: E402
+from elmm_ray.layout import RunLayout, absolute_paths  # noqa: E402
+from elmm_ray.pipeline import run_all  # noqa: E402
 from elmm_ray.ray_session import init_ray  # noqa: E402
-from elmm_ray.rundir import RunDir  # noqa: E402
+from elmm_ray.stages import run_stage  # noqa: E402
 from elmm_ray.tables import format_table  # noqa: E402
 from elmm_ray.train.trainer import train_ray  # noqa: E402
 
@@ -36,7 +38,7 @@ def _train(root: Path, name: str, data: Path, *overrides: str) -> dict:
     cfg = load_config(DEMO, [f"run_dir={run_dir}", f"dataset.path={data / 'data'}",
                              "dataset.name=synth", f"images.shard_dir={data / 'shards'}",
                              *overrides])
-    summary = train_ray(cfg, pipeline.load_dataset(cfg))
+    summary = train_ray(cfg, load_dataset(cfg))
     history = summary["history"]
     last = history[-1]
     return {"steps": last["step"], "workers": last["workers"],
@@ -56,9 +58,9 @@ def main() -> None:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp)
-        data_cfg = load_config(DEMO, [f"run_dir={root / 'data'}"])
-        pipeline.run_synth(data_cfg)
-        kg = pipeline.load_dataset(data_cfg)
+        data_cfg = absolute_paths(load_config(DEMO, [f"run_dir={root / 'data'}"]))
+        run_stage("synth", data_cfg, show_progress=False)
+        kg = load_dataset(data_cfg)
         pack_images(kg, root / "data" / "shards", use_ray=False)
         steps = [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
                  "train.val_max_queries=50", "train.batch_size=16"]
@@ -76,11 +78,11 @@ def main() -> None:
             demo_dir = root / "demo"
             cfg = load_config(DEMO, [f"run_dir={demo_dir}"])
             start = time.perf_counter()
-            demo = pipeline.run_all(cfg, show_progress=False)
+            demo = run_all(cfg, show_progress=False)
             results["demo"] = {"total_seconds": time.perf_counter() - start,
                                "stages": demo["timings"],
                                "metrics": demo["metrics"]["overall"]}
-            print(json.dumps(RunDir(demo_dir).read_manifest("train"), indent=1)[:400])
+            print(json.dumps(RunLayout(demo_dir).read_manifest("train"), indent=1)[:400])
 
     one, two = results["workers_1"], results["workers_2"]
     rows = [(f"{w} worker(s)", r["steps"], f"{r['train_seconds']:.1f}",

@@ -1,4 +1,5 @@
-"""`elmm-ray`: one subcommand per stage, each a few lines over :mod:`elmm_ray.pipeline`."""
+"""`elmm-ray`: one subcommand per stage, each a few lines over the stage units of
+:mod:`elmm_ray.stages` (``run``: :mod:`elmm_ray.pipeline`); ``jobs/*.py`` call the same."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from pathlib import Path
 
 from elmm_ray.config import Config, ConfigError, load_config
 from elmm_ray.data.kg import DatasetError, load_kg
+from elmm_ray.layout import RunLayout, absolute_paths, read_json
 from elmm_ray.tables import format_table
+
+# Commands that run a stage import the stage units (torch, transformers, Ray) when they run,
+# so that `validate`, `config`, `stats` and `--help` answer in a fraction of a second.
 
 log = logging.getLogger("elmm_ray")
 
 
 def _config(args: argparse.Namespace) -> Config:
-    from elmm_ray.pipeline import absolute_paths
-
     return absolute_paths(load_config(args.config, args.overrides))
 
 
@@ -67,29 +70,33 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_rows(rows: list, title: str) -> None:
+    print(format_table([tuple(r) for r in rows], title=title))
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
-    from elmm_ray import pipeline
+    from elmm_ray.stages import run_stage
 
     if Path(args.config).is_dir():
         # `elmm-ray pack DATASET_DIR OUT_DIR [key=value ...]`
         if not args.overrides or "=" in args.overrides[0]:
             raise ConfigError(["`elmm-ray pack DATASET_DIR OUT_DIR`: OUT_DIR is missing"])
         out_dir, rest = args.overrides[0], args.overrides[1:]
-        cfg = load_config(None, [f"dataset.path={args.config}", "dataset.name=dataset",
-                                 f"images.shard_dir={out_dir}",
-                                 f"run_dir={Path(out_dir) / '_run'}", *rest])
+        cfg = absolute_paths(load_config(None, [
+            f"dataset.path={args.config}", "dataset.name=dataset",
+            f"images.shard_dir={out_dir}", f"run_dir={Path(out_dir) / '_run'}", *rest]))
     else:
         cfg = _config(args)
-        pipeline.run_synth(cfg)
-    result = pipeline.run_pack(cfg)
-    print(format_table(result.summary_rows(), title=f"image shards in {result.out_dir}"))
-    bad = result.manifest["bad_images"]
-    if bad:
-        print(f"{len(bad)} image file(s) left out (listed in {result.out_dir / 'manifest.json'}):")
-        for b in bad[:20]:
+    result = run_stage("pack", cfg)
+    m = result.manifest
+    print_rows(m["summary_rows"], f"image shards in {m['shard_dir']}")
+    if m["bad_images_total"]:
+        print(f"{m['bad_images_total']} image file(s) left out (listed in "
+              f"{Path(m['shard_dir']) / 'manifest.json'}):")
+        for b in m["bad_images"]:
             print(f"  {b['path']}: {b['reason']}")
-        if len(bad) > 20:
-            print(f"  ... and {len(bad) - 20} more")
+        if m["bad_images_total"] > len(m["bad_images"]):
+            print(f"  ... and {m['bad_images_total'] - len(m['bad_images'])} more")
     return 0
 
 
@@ -103,8 +110,6 @@ def _config_or_run_dir(target: str, overrides: list[str]) -> Config:
         cfg = load_config(resolved, [f"run_dir={path}", *overrides])
     else:
         cfg = load_config(path, overrides)
-    from elmm_ray.pipeline import absolute_paths
-
     return absolute_paths(cfg)
 
 
@@ -115,71 +120,86 @@ def print_metrics(metrics: dict, title: str) -> None:
     print(format_metrics_table(metrics))
 
 
-def _packed(cfg: Config):
-    """Synth (for the synthetic dataset), load and pack: what every later stage needs."""
-    from elmm_ray import pipeline
-
-    pipeline.run_synth(cfg)
-    kg = pipeline.load_dataset(cfg)
-    pipeline.run_pack(cfg, kg)
-    return kg
+def _print_eval(cfg: Config, title: str) -> None:
+    print_metrics(read_json(RunLayout.of(cfg).metrics_file(cfg.eval.split)), title)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from elmm_ray import pipeline
+    from elmm_ray.stages import run_stages
 
     cfg = _config(args)
-    kg = _packed(cfg)
-    summary = pipeline.run_train(cfg, kg)
-    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f} s; model in "
-          f"{pipeline.trained_model_dir(cfg)}")
-    print_metrics(summary["metrics"], "test metrics of the trained model")
+    results = run_stages(["train", "eval"], cfg)
+    train = results["train"].manifest
+    state = " (already trained: skipped)" if results["train"].skipped else ""
+    print(f"trained {train['steps']} steps in {train['train_seconds']:.1f} s{state}; model in "
+          f"{train['model_dir']}")
+    _print_eval(cfg, "metrics of the trained model")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from elmm_ray import pipeline
     from elmm_ray.export import is_export
+    from elmm_ray.stages import run_stage
+    from elmm_ray.stages.export import eval_export
 
     if is_export(args.config):
         split = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("eval.split=")),
                      "")
-        metrics = pipeline.eval_export(args.config, split=split)
+        metrics = eval_export(args.config, split=split)
         print_metrics(metrics, f"evaluation of the exported model {args.config}")
         return 0
     cfg = _config_or_run_dir(args.config, args.overrides)
-    metrics = pipeline.run_eval(cfg)
-    print_metrics(metrics, f"evaluation of {pipeline.trained_model_dir(cfg)}")
+    run_stage("eval", cfg)
+    _print_eval(cfg, f"evaluation of {RunLayout.of(cfg).trained_model}")
     return 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from elmm_ray import pipeline
+    from elmm_ray.stages import run_stage
 
-    cfg = _config(args)
-    result = pipeline.run_extract(cfg, _packed(cfg))
-    print(format_table(result.summary_rows(), title=f"feature store {result.store_dir}"))
+    m = run_stage("extract", _config(args)).manifest
+    print_rows(m["summary_rows"], f"feature store {m['store']}")
+    failed = m["failed_images"]
+    for item in failed[:20]:
+        print(f"  failed: {item['entity_id']} image {item['image_index']}: {item['reason']}")
+    if len(failed) > 20:
+        print(f"  ... and {len(failed) - 20} more (listed in the store's manifest.json)")
+    return 0
+
+
+def cmd_entity_init(args: argparse.Namespace) -> int:
+    from elmm_ray.stages import run_stage
+
+    result = run_stage("entity_init", _config(args))
+    m = result.manifest
+    rows = [("entities", f"{m['entities']:,}"), ("width", str(m["embed_dim"])),
+            ("seconds", f"{m['seconds']:.1f}"),
+            ("status", "already complete (no work)" if result.skipped else "complete")]
+    print(format_table(rows, title=f"initial entity table {m['path']}"))
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from elmm_ray.pruning.run import run_prune
+    from elmm_ray.stages import run_stage
 
     cfg = _config_or_run_dir(args.config, args.overrides)
-    report = run_prune(cfg)
-    print(f"pruned model and report in {Path(cfg.run_dir) / 'prune'}")
-    md = Path(cfg.run_dir) / "prune" / "prune_report.md"
-    if md.is_file():
-        print(md.read_text())
-    return 0 if report else 1
+    manifest = run_stage("prune", cfg).manifest
+    print(f"pruned model and report in {RunLayout.of(cfg).stage_dir('prune')}")
+    print(Path(manifest["report"]).read_text())
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from elmm_ray import pipeline
+    from elmm_ray.data.dataset import load_dataset
+    from elmm_ray.stages import run_stage
+    from elmm_ray.stages.export import export_run
 
     cfg = _config_or_run_dir(args.run_dir, args.overrides)
-    out = pipeline.run_export(cfg, out_dir=args.out)
-    print(f"exported the trained model of {cfg.run_dir} to {out}")
+    if args.out:  # a one-off copy elsewhere: not the run's export stage
+        out = export_run(cfg, load_dataset(cfg), args.out)
+    else:
+        out = Path(run_stage("export", cfg).manifest["out_dir"])
+    print(f"exported the final model of {cfg.run_dir} to {out}")
     return 0
 
 
@@ -214,10 +234,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from elmm_ray import pipeline
+    from elmm_ray.pipeline import run_all
 
     cfg = _config(args)
-    result = pipeline.run_all(cfg)
+    result = run_all(cfg)
     overall = result["metrics"]["overall"]
     visual = ("all patch tokens" if cfg.model.uncompressed
               else f"{cfg.mvtc.n_visual + cfg.mvtc.n_text} MVTC")
@@ -261,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     with_config("extract", "image features into the feature store (Ray Data; packs first)"
                 ).set_defaults(func=cmd_extract)
+    with_config("entity_init", "the initial entity table: every entity through the untrained "
+                "model (Ray Data; extracts first)").set_defaults(func=cmd_entity_init)
     p = with_config("prune", "prune the trained model (prune.method, prune.ratio), fine-tune, "
                     "report: CONFIG or RUN_DIR")
     p.set_defaults(func=cmd_prune)

@@ -30,11 +30,14 @@ from safetensors.torch import load_file, save_file
 
 from elmm_ray.config import Config, dump_config, load_config
 from elmm_ray.data.collate import QueryCollator
+from elmm_ray.data.feature_store import FeatureStore
 from elmm_ray.data.image_features import FeatureBank
 from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.layout import RunLayout
 from elmm_ray.models.build import build_elmm
 from elmm_ray.models.elmm import ELMM
 from elmm_ray.models.lora import merge_lora
+from elmm_ray.models.pruned import is_pruned, save_pruned_backbone
 from elmm_ray.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,8 +71,6 @@ def export_model(model: ELMM, tokenizer, features, kg: KnowledgeGraph, cfg: Conf
     out.mkdir(parents=True)
     merged = merge_lora(model)
     model.eval()
-    from elmm_ray.models.pruned import is_pruned, save_pruned_backbone
-
     if is_pruned(model):  # per-layer shapes differ from config.json: save them with the weights
         save_pruned_backbone(model, out / "backbone")
     else:
@@ -88,11 +89,9 @@ def export_model(model: ELMM, tokenizer, features, kg: KnowledgeGraph, cfg: Conf
         feats, mask = features.features_for(ids)
         save_file({"features": feats.half().contiguous(), "mask": mask.contiguous()},
                   str(out / "features.safetensors"))
-    from elmm_ray.pipeline import dataset_dir
-
     exported_cfg = dataclasses.replace(
         cfg, run_dir=str(Path(cfg.run_dir).resolve()),
-        dataset=dataclasses.replace(cfg.dataset, path=str(dataset_dir(cfg))),
+        dataset=dataclasses.replace(cfg.dataset, path=str(RunLayout.of(cfg).dataset_dir)),
         model=dataclasses.replace(cfg.model, backbone="backbone"),
         lora=dataclasses.replace(cfg.lora, enabled=False))
     dump_config(exported_cfg, out / "config.yaml")
@@ -204,8 +203,6 @@ def load_export(path: str | Path) -> ExportedModel:
         blob = load_file(str(path / meta["features"]))
         features = FeatureBank(blob["features"], blob["mask"])
     else:
-        from elmm_ray.data.features import FeatureStore
-
         features = FeatureStore.open(meta["feature_store"])
     model.entity_table.set_visual_summary(*features.features_for(torch.arange(len(entities))))
     collator = QueryCollator(tokenizer, prompts, texts, len(relations), cfg.model.max_text_tokens)

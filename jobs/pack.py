@@ -1,7 +1,11 @@
-"""Ray job: `elmm-ray pack` on a cluster.
+"""Ray job: `elmm-ray pack` on a cluster: pack the dataset's images into Parquet shards.
+Upstream stages run first when they are missing.
 
     ray job submit --working-dir . -- \
         python jobs/pack.py --config configs/demo.yaml [key=value ...]
+
+Same entry as the CLI (`elmm_ray.cli.job_main`). On a cluster give ``run_dir`` an absolute
+path on shared storage: a relative one resolves inside the job's working directory.
 """
 
 import sys

@@ -4,7 +4,6 @@ and the entity-table initialisation pass."""
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import os
@@ -21,12 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from elmm_ray import pipeline
 from elmm_ray.config import load_config
-from elmm_ray.data import features as F
-from elmm_ray.data.features import FeatureStore, expected_metadata
-from elmm_ray.data.shards import pack_images
-from elmm_ray.rundir import RunDir
+from elmm_ray.data import extraction as X
+from elmm_ray.data import feature_store as F
+from elmm_ray.data.dataset import load_dataset
+from elmm_ray.data.extraction import ExtractResult
+from elmm_ray.data.feature_store import MANIFEST, FeatureStore, StoreLocation, expected_metadata
+from elmm_ray.layout import RunLayout, absolute_paths
+from elmm_ray.stages import run_stage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_IMAGES = 3
@@ -78,7 +79,7 @@ import json, os, signal, sys
 import ray
 ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1", logging_level="ERROR",
          log_to_driver=False)
-from elmm_ray.data.features import extract_features
+from elmm_ray.data.extraction import extract_features
 def on_part(summary):
     os.kill(os.getpid(), signal.SIGKILL)  # the driver dies right after a committed part
 extract_features(**json.loads(sys.argv[2]), on_part=on_part, show_progress=False)
@@ -99,10 +100,9 @@ def _killed_extraction(cfg, tmp: Path) -> list[tuple[int, int]]:
     itself right after its first committed part; the keys committed by then."""
     import ray
 
-    from elmm_ray.data.features import default_store_dir
-
-    kwargs = {"shard_dir": str(pipeline.shard_dir(cfg)), "store_dir": default_store_dir(cfg),
-              "backbone": str(RunDir(cfg.run_dir).path("backbone")),
+    layout = RunLayout.of(cfg)
+    kwargs = {"shard_dir": str(layout.shard_dir), "store_dir": layout.feature_store,
+              "backbone": str(layout.backbone),
               "max_images": MAX_IMAGES, "actors": 2, "batch_size": 4, "part_rows": 4}
     script = tmp / "killer.py"
     script.write_text(KILLER)
@@ -131,16 +131,23 @@ def extracted(tmp_path_factory, ray_session):
     from elmm_ray.train.context import backbone_source
 
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", [f"run_dir={run_dir}", *TINY])
-    pipeline.run_synth(cfg)
-    kg = pipeline.load_dataset(cfg)
-    local = {"use_ray": False} if "use_ray" in inspect.signature(pack_images).parameters else {}
-    pack_images(kg, pipeline.shard_dir(cfg), show_progress=False, **local)
-    corrupted = _corrupt_one_image(pipeline.shard_dir(cfg))
-    backbone_source(cfg, kg, RunDir(cfg.run_dir))
+    cfg = absolute_paths(load_config(REPO_ROOT / "configs" / "demo.yaml",
+                                     [f"run_dir={run_dir}", *TINY]))
+    run_stage("synth", cfg)
+    kg = load_dataset(cfg)
+    layout = RunLayout.of(cfg)
+    run_stage("pack", cfg, kg=kg, show_progress=False)
+    corrupted = _corrupt_one_image(layout.shard_dir)
+    backbone_source(cfg, kg, layout)
     committed_before = _killed_extraction(cfg, tmp_path_factory.mktemp("killer"))
-    result = pipeline.run_extract(cfg, kg, show_progress=False)
-    return cfg, kg, result, corrupted, committed_before
+    return cfg, kg, _extract(cfg, kg), corrupted, committed_before
+
+
+def _extract(cfg, kg) -> ExtractResult:
+    """The extract stage (upstream stages are complete or absent), as the store saw it."""
+    stage = run_stage("extract", cfg, kg=kg, show_progress=False)
+    store = stage.manifest["store"]
+    return ExtractResult(store, StoreLocation(store).read_json(MANIFEST), stage.skipped)
 
 
 @ray_test
@@ -170,10 +177,10 @@ def test_pipeline_features_equal_encode_images(extracted):
     )
 
     cfg, kg, result, corrupted, _ = extracted
-    tower = vision_tower_of(load_backbone(RunDir(cfg.run_dir).path("backbone")))
+    tower = vision_tower_of(load_backbone(RunLayout.of(cfg).backbone))
     expected: dict[int, list[torch.Tensor]] = {}
     taken: dict[int, int] = {}
-    for r in _packed_rows(pipeline.shard_dir(cfg)):
+    for r in _packed_rows(RunLayout.of(cfg).shard_dir):
         e = r["entity"]
         taken[e] = taken.get(e, 0) + 1
         if taken[e] > MAX_IMAGES or (e, r["image_index"]) == corrupted:
@@ -197,7 +204,7 @@ def test_pipeline_features_equal_encode_images(extracted):
 def test_every_image_is_counted_with_reasons(extracted):
     cfg, kg, result, corrupted, _ = extracted
     m, c = result.manifest, result.manifest["counts"]
-    pack = json.loads((pipeline.shard_dir(cfg) / "manifest.json").read_text())
+    pack = json.loads((RunLayout.of(cfg).shard_dir / "manifest.json").read_text())
     assert c["done"] + c["skipped"] + c["failed"] == c["images_listed"] == pack["images_listed"]
     assert c["skipped_by_reason"]["bad at pack time"] == pack["images_bad"] > 0
     bad = {(b["entity_id"], b["image_index"]): b["reason"] for b in pack["bad_images"]}
@@ -205,7 +212,7 @@ def test_every_image_is_counted_with_reasons(extracted):
     for key, reason in bad.items():
         assert skipped[key] == f"bad at pack: {reason}"
     per_entity: dict[int, int] = {}
-    for r in _packed_rows(pipeline.shard_dir(cfg)):
+    for r in _packed_rows(RunLayout.of(cfg).shard_dir):
         per_entity[r["entity"]] = per_entity.get(r["entity"], 0) + 1
     beyond = sum(max(0, n - MAX_IMAGES) for n in per_entity.values())
     assert c["skipped_by_reason"][f"beyond max_images_per_entity ({MAX_IMAGES})"] == beyond > 0
@@ -214,7 +221,7 @@ def test_every_image_is_counted_with_reasons(extracted):
     assert (failed["entity_id"], failed["image_index"]) == (kg.entities[corrupted[0]],
                                                            corrupted[1])
     assert "decode failed" in failed["reason"]
-    stage = RunDir(cfg.run_dir).read_manifest("extract")
+    stage = RunLayout.of(cfg).read_manifest("extract")
     assert stage["status"] == "complete" and stage["counts"] == c
     # Entities without any image get all-False masks.
     store = FeatureStore.open(result.store_dir)
@@ -246,7 +253,7 @@ def test_store_random_access_pickle_and_uri(extracted):
 @ray_test
 def test_mismatching_or_incomplete_store_is_refused(extracted, tmp_path):
     cfg, kg, result, *_ = extracted
-    source = str(RunDir(cfg.run_dir).path("backbone"))
+    source = str(RunLayout.of(cfg).backbone)
     FeatureStore.open(result.store_dir, expect=expected_metadata(cfg, source))  # matches
     other = load_config(REPO_ROOT / "configs" / "demo.yaml",
                         [f"run_dir={cfg.run_dir}", *TINY, "model.feature_pool=2"])
@@ -269,12 +276,11 @@ def test_complete_store_is_not_recomputed(extracted):
     parts = sorted(Path(result.store_dir, "parts").iterdir())
     stamps = [p.stat().st_mtime_ns for p in parts]
     start = time.perf_counter()
-    again = pipeline.run_extract(cfg, kg, show_progress=False)
+    again = _extract(cfg, kg)
     assert again.skipped and again.manifest == result.manifest
     assert time.perf_counter() - start < 20
     assert [p.stat().st_mtime_ns for p in sorted(Path(result.store_dir, "parts").iterdir())] \
         == stamps
-    assert RunDir(cfg.run_dir).read_manifest("extract")["skipped_rerun"] is True
 
 
 @ray_test
@@ -285,22 +291,22 @@ def test_entity_init_equals_single_process(extracted):
     from elmm_ray.train.context import build_context
 
     cfg, kg, result, *_ = extracted
-    info = pipeline.run_entity_init(cfg, kg, show_progress=False)
-    table = load_file(RunDir(cfg.run_dir).path("entity_init.safetensors"))["entity_table"]
+    info = run_stage("entity_init", cfg, kg=kg, show_progress=False).manifest
+    table = load_file(RunLayout.of(cfg).entity_init)["entity_table"]
     assert info["entities"] == kg.num_entities and table.shape[0] == kg.num_entities
     store = FeatureStore.open(result.store_dir)
-    ctx = build_context(cfg, kg, RunDir(cfg.run_dir), pipeline.shard_dir(cfg), features=store)
+    ctx = build_context(cfg, kg, features=store)
     ctx.model.eval()
     reference = encode_all_entities(ctx.model, ctx.collator, store, batch_size=16)
     torch.testing.assert_close(table, reference, atol=1e-5, rtol=1e-4)
-    assert pipeline.run_entity_init(cfg, kg)["skipped_rerun"] is True
+    assert run_stage("entity_init", cfg, kg=kg).skipped
 
 
 def test_store_reads_hand_written_parts(tmp_path):
     """The store alone (no Ray): parts written by the writer, random access, failed rows."""
     meta = {"version": F.STORE_VERSION, "num_entities": 6, "max_images_per_entity": 2,
             "tokens": 3, "width": 5, "fingerprint": "x"}
-    loc = F._Location(tmp_path)
+    loc = F.StoreLocation(tmp_path)
     loc.mkdir(F.PARTS)
     loc.write_json(F.METADATA, meta)
     rng = np.random.default_rng(0)
@@ -309,7 +315,7 @@ def test_store_reads_hand_written_parts(tmp_path):
     for batch in batches:
         feats = rng.standard_normal((len(batch), 3, 5)).astype(np.float16)
         errors = ["" if key != (2, 0) else "decode failed" for key in batch]
-        F._write_part({"entity": np.array([e for e, _ in batch]),
+        X._write_part({"entity": np.array([e for e, _ in batch]),
                        "entity_id": np.array([f"E{e}" for e, _ in batch], dtype=object),
                        "image_index": np.array([k for _, k in batch]),
                        "error": np.array(errors, dtype=object), "features": feats},

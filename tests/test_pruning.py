@@ -440,11 +440,12 @@ def test_every_pruner_has_the_same_interface(tokenizer, collator):
 
 @pytest.mark.slow
 def test_run_prune_stage_prunes_finetunes_saves_and_reloads(tmp_path):
-    from elmm_ray import pipeline
     from elmm_ray.config import load_config
+    from elmm_ray.data.dataset import load_dataset
     from elmm_ray.eval.evaluate import evaluate_model
-    from elmm_ray.pruning.run import load_pruned_context, run_prune
-    from elmm_ray.train.local import train_local
+    from elmm_ray.layout import absolute_paths
+    from elmm_ray.stages import run_stage, run_stages
+    from elmm_ray.train.context import load_pruned_context
 
     overrides = [
         f"run_dir={tmp_path / 'run'}", "train.backend=local", "dataset.synth.num_entities=40",
@@ -456,12 +457,15 @@ def test_run_prune_stage_prunes_finetunes_saves_and_reloads(tmp_path):
         "prune.method=knowledge", "prune.ratio=0.3", "prune.steps=2", "prune.finetune_steps=2",
         "prune.calib_samples=8", "prune.min_neurons_per_layer=4",
     ]
-    cfg = load_config(None, overrides)
-    pipeline.run_synth(cfg)
-    kg = pipeline.load_dataset(cfg)
-    train_local(cfg, kg, pipeline.shard_dir(cfg), show_progress=False)
-    payload = run_prune(cfg, kg, show_progress=False)
+    cfg = absolute_paths(load_config(None, overrides))
+    run_stage("synth", cfg)
+    kg = load_dataset(cfg)
+    # A fresh run directory: `prune` runs the upstream stages it needs (synth, pack, train).
+    results = run_stages(["prune"], cfg, show_progress=False, kg=kg)
+    assert list(results) == ["synth", "pack", "train", "prune"]
+    assert results["synth"].skipped and not results["prune"].skipped
     run = tmp_path / "run" / "prune"
+    payload = json.loads((run / "prune_report.json").read_text())
     for name in ("prune_report.md", "prune_report.json", "prune_report.png",
                  "model/backbone/pruning.json", "model/trainable.json",
                  "finetune_1/summary.json", "finetune_2/summary.json"):
@@ -471,18 +475,20 @@ def test_run_prune_stage_prunes_finetunes_saves_and_reloads(tmp_path):
     assert [r["amount"] for r in payload["rounds"]] == [0.15, 0.3]
     assert pruned["llm_params"] < payload["runs"][0]["llm_params"]
     assert "| knowledge | 30% |" in (run / "prune_report.md").read_text()
-    ctx = load_pruned_context(cfg, kg, pipeline.shard_dir(cfg))
+    ctx = load_pruned_context(cfg, kg)
     metrics = evaluate_model(ctx.model, ctx.collator, ctx.features, kg, split=cfg.eval.split)
     assert metrics["overall"]["mrr"] == pytest.approx(pruned["post_ft"]["mrr"], abs=1e-12)
-    assert run_prune(cfg, kg, show_progress=False)["runs"] == json.loads(
-        json.dumps(payload["runs"], default=str))  # complete: skipped, report re-read
+    assert results["prune"].manifest["post_ft"] == pruned["post_ft"]
+    again = run_stage("prune", cfg, show_progress=False, kg=kg)  # complete: skipped
+    assert again.skipped and again.manifest["fingerprint"] == results["prune"].manifest[
+        "fingerprint"]
 
 
 def test_measurements_and_report(tokenizer, collator, tmp_path):
     import copy
 
     from elmm_ray.pruning.report import summarise, timing_batches, write_report
-    from elmm_ray.pruning.run import measure
+    from elmm_ray.stages.prune import measure
 
     model = make_model(tokenizer, llm_intermediate=256)
     data = make_data(model, collator)

@@ -1,16 +1,18 @@
-"""The single-process trainer on a small synthetic KG: loss goes down, ranking beats chance,
-and `elmm-ray eval` on the saved run reproduces the trainer's figures."""
+"""The local backend of the training loop on a small synthetic KG: loss goes down, ranking
+beats chance, and `elmm-ray eval` on the saved run reproduces the in-process figures."""
 
 import json
 
 import numpy as np
 import pytest
 
-from elmm_ray import pipeline
 from elmm_ray.cli import main
 from elmm_ray.config import load_config
-from elmm_ray.data.shards import pack_images
-from elmm_ray.train.local import train_local
+from elmm_ray.data.dataset import load_dataset
+from elmm_ray.layout import RunLayout, absolute_paths
+from elmm_ray.stages import run_stages
+from elmm_ray.stages.train import evaluate
+from elmm_ray.train.context import load_trained_context
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -27,15 +29,14 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, ray_session):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = load_config("configs/demo.yaml", [f"run_dir={run_dir}", *TINY])
-    pipeline.run_synth(cfg)
-    kg = pipeline.load_dataset(cfg)
-    pack_images(kg, pipeline.shard_dir(cfg), use_ray=False)
-    cfg.run_dir = str(run_dir)
-    pipeline.RunDir(run_dir).write_config(cfg)
-    summary = train_local(cfg, kg, pipeline.shard_dir(cfg), show_progress=False)
+    cfg = absolute_paths(load_config("configs/demo.yaml", [f"run_dir={run_dir}", *TINY]))
+    results = run_stages(["train"], cfg, show_progress=False)  # synth, pack (Ray Data), train
+    assert list(results) == ["synth", "pack", "train"]
+    kg = load_dataset(cfg)
+    summary = json.loads(RunLayout.of(cfg).path("train", "summary.json").read_text())
+    summary["metrics"] = evaluate(cfg, kg, load_trained_context(cfg, kg))
     return cfg, kg, summary
 
 
@@ -56,7 +57,7 @@ def test_loss_decreases_and_ranking_beats_chance(trained):
     assert overall["mrr"] > 2 * chance_mrr, (overall["mrr"], chance_mrr)
     history = summary["history"]
     assert len(history) == cfg.train.epochs  # validated once per epoch
-    lines = (pipeline.RunDir(cfg.run_dir).path("train", "metrics.jsonl")).read_text().splitlines()
+    lines = (RunLayout.of(cfg).path("train", "metrics.jsonl")).read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [h["step"] for h in history]
 
 
@@ -66,7 +67,7 @@ def test_eval_cli_reproduces_training_figures(trained, capsys):
     out = capsys.readouterr().out
     assert "MRR" in out and "Hits@1" in out
     written = json.loads(
-        pipeline.RunDir(cfg.run_dir).path("eval", "metrics_test.json").read_text())
+        RunLayout.of(cfg).metrics_file("test").read_text())
     for key in ("mrr", "hits@1", "hits@3", "hits@10"):
         assert written["overall"][key] == pytest.approx(summary["metrics"]["overall"][key],
                                                         abs=1e-6)

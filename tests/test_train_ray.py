@@ -8,6 +8,7 @@ process with 2B queries, and the final parameters must agree to float tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -15,12 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from elmm_ray import pipeline
 from elmm_ray.cli import main
 from elmm_ray.config import load_config
+from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.shards import pack_images
-from elmm_ray.rundir import RunDir
-from elmm_ray.train.local import train_local
+from elmm_ray.layout import RunLayout
+from elmm_ray.stages import run_stage
+from elmm_ray.stages.export import eval_export, export_run
+from elmm_ray.stages.train import evaluate
+from elmm_ray.train.context import load_trained_context
+from elmm_ray.train.loop import train_local
 from elmm_ray.train.trainer import train_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
@@ -58,16 +63,16 @@ def base(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("base")
     cfg = load_config("configs/demo.yaml", [f"run_dir={root}", *TINY])
-    pipeline.run_synth(cfg)
-    kg = pipeline.load_dataset(cfg)
+    run_stage("synth", cfg)
+    kg = load_dataset(cfg)
     pack_images(kg, root / "shards", use_ray=False)
-    backbone_source(cfg, kg, RunDir(root))
+    backbone_source(cfg, kg, RunLayout(root))
     return root
 
 
 def _trainable(cfg) -> dict[str, torch.Tensor]:
     out = {}
-    model_dir = RunDir(cfg.run_dir).path("train", "model")
+    model_dir = RunLayout.of(cfg).trained_model
     for f in ("adapter.safetensors", "trainable.safetensors"):
         out.update(load_file(str(model_dir / f)))
     return out
@@ -84,15 +89,15 @@ def local_reference(tmp_path_factory, base):
     """Single process, batch 2 x 8: the same steps as 2 workers x 8."""
     cfg = _prepared_run(tmp_path_factory, "local", base, "train.backend=local",
                         "train.batch_size=16", "train.num_workers=1")
-    kg = pipeline.load_dataset(cfg)
-    summary = train_local(cfg, kg, pipeline.shard_dir(cfg), show_progress=False)
+    kg = load_dataset(cfg)
+    summary = train_local(cfg, kg, show_progress=False)
     return cfg, summary
 
 
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory, base, ray_session):
     cfg = _prepared_run(tmp_path_factory, "zero2", base, "deepspeed.zero_stage=2")
-    return cfg, train_ray(cfg, pipeline.load_dataset(cfg))
+    return cfg, train_ray(cfg, load_dataset(cfg))
 
 
 def test_zero2_two_workers_match_single_process(local_reference, zero2_run):
@@ -102,8 +107,8 @@ def test_zero2_two_workers_match_single_process(local_reference, zero2_run):
     losses = [h["loss"] for h in summary["history"]]
     assert losses[-1] < losses[0]
     _assert_close(_trainable(cfg), _trainable(local_cfg), atol=2e-4)
-    assert RunDir(cfg.run_dir).path("train", "training_curve.png").is_file()
-    assert RunDir(cfg.run_dir).path("train", "tensorboard").is_dir()
+    assert RunLayout.of(cfg).path("train", "training_curve.png").is_file()
+    assert RunLayout.of(cfg).path("train", "tensorboard").is_dir()
     # Checkpoints kept: the best by validation MRR plus the latest.
     assert 1 <= len(summary["best_checkpoints"]) <= cfg.train.checkpoints_to_keep
 
@@ -112,15 +117,15 @@ def test_zero3_parity_then_export_eval_and_predict(tmp_path_factory, base, ray_s
                                                    local_reference, capsys):
     local_cfg, _ = local_reference
     cfg = _prepared_run(tmp_path_factory, "zero3", base, "deepspeed.zero_stage=3")
-    kg = pipeline.load_dataset(cfg)
+    kg = load_dataset(cfg)
     summary = train_ray(cfg, kg)
     assert [h["step"] for h in summary["history"]][-1] == summary["steps"]
     _assert_close(_trainable(cfg), _trainable(local_cfg), atol=2e-4)
 
     # Export (LoRA merged) -> eval on the export equals the trained model in memory.
-    in_memory = pipeline.run_eval(cfg, kg)
-    out = pipeline.run_export(cfg, kg)
-    exported = pipeline.eval_export(out)
+    in_memory = evaluate(cfg, kg, load_trained_context(cfg, kg))
+    out = export_run(cfg, kg)
+    exported = eval_export(out)
     for key in ("mrr", "hits@1", "hits@3", "hits@10"):
         assert exported["overall"][key] == pytest.approx(in_memory["overall"][key], abs=1e-6)
     head, rel, _ = kg.triples["test"][0]
@@ -146,9 +151,9 @@ def test_worker_death_resumes_exactly_from_the_last_checkpoint(tmp_path_factory,
     # A run_dir relative to the driver's working directory (workers run elsewhere).
     run_dir = Path(cfg.run_dir)
     monkeypatch.chdir(run_dir.parent)
-    cfg.run_dir = run_dir.name
-    summary = train_ray(cfg, pipeline.load_dataset(cfg))
-    assert RunDir(cfg.run_dir).path("train", ".fault_injected").is_file()  # it did die
+    cfg = dataclasses.replace(cfg, run_dir=run_dir.name)
+    summary = train_ray(cfg, load_dataset(cfg))
+    assert RunLayout.of(cfg).path("train", ".fault_injected").is_file()  # it did die
     # The restarted workers resumed from step 6: parameters, optimizer state, data
     # position and sampler state restored, so the rest equals the uninterrupted run.
     _assert_close(_trainable(cfg), _trainable(reference_cfg), atol=1e-5)
@@ -157,6 +162,6 @@ def test_worker_death_resumes_exactly_from_the_last_checkpoint(tmp_path_factory,
     assert fault_curve == reference_curve
 
     # Re-running the finished run resumes from its latest checkpoint: no new steps.
-    again = train_ray(cfg, pipeline.load_dataset(cfg))
+    again = train_ray(cfg, load_dataset(cfg))
     assert again["steps"] == summary["steps"]
     _assert_close(_trainable(cfg), _trainable(reference_cfg), atol=1e-5)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.rundir import read_json, write_json_atomic
+from elmm_ray.layout import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from elmm_ray.models.backbone import resolve_dtype
 from elmm_ray.models.elmm import ELMM
+from elmm_ray.models.lora import save_trainable
 from elmm_ray.models.surgery import (
     LinearCompensation,
     attention_shape,
@@ -39,6 +40,7 @@ from elmm_ray.models.surgery import (
 SPEC_FILE = "pruning.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "elmm-pruned-backbone/1"
+MODEL_BACKBONE_SUBDIR = "backbone"  # inside a saved pruned model directory
 
 
 def _backbone(model: ELMM | LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
@@ -216,3 +218,14 @@ def load_any_backbone(source: str | os.PathLike, dtype: str | torch.dtype = "flo
     from elmm_ray.models.backbone import load_backbone
 
     return load_backbone(source, dtype)
+
+
+def save_pruned_model(model: ELMM, directory: str | os.PathLike,
+                      extra: dict | None = None) -> Path:
+    """A whole pruned ELMM: the pruned backbone into ``directory/backbone`` and the trainable
+    tensors (adapters, MVTC, heads, entity table) into ``directory``; reload with
+    :func:`elmm_ray.train.context.load_pruned_context`."""
+    directory = Path(directory)
+    save_pruned_backbone(model, directory / MODEL_BACKBONE_SUBDIR, extra)
+    save_trainable(model, directory)
+    return directory

@@ -21,8 +21,8 @@ import torch
 
 from elmm_ray.data.collate import QueryCollator
 from elmm_ray.data.image_features import FeatureBank
+from elmm_ray.layout import write_json_atomic
 from elmm_ray.models.elmm import ELMM
-from elmm_ray.rundir import write_json_atomic
 
 REPORT_NAME = "prune_report"
 METRIC_KEYS = ("mrr", "hits@1", "hits@3", "hits@10", "type_violation")

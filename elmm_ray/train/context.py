@@ -19,14 +19,17 @@ import torch
 
 from elmm_ray.config import Config
 from elmm_ray.data.collate import QueryCollator
+from elmm_ray.data.feature_store import open_feature_store
 from elmm_ray.data.image_features import FeatureBank, features_from_shards
 from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.layout import RunLayout
 from elmm_ray.models.backbone import image_feature_shape, vision_tower_of
 from elmm_ray.models.build import build_elmm, build_tokenizer, reads_images
 from elmm_ray.models.elmm import ELMM
-from elmm_ray.models.lora import apply_lora, set_trainable
+from elmm_ray.models.lora import apply_lora, load_trainable, lora_layers, set_trainable
+from elmm_ray.models.pruned import MODEL_BACKBONE_SUBDIR, load_pruned_weights
+from elmm_ray.models.surgery import LinearCompensation
 from elmm_ray.models.tokenizer import load_tokenizer
-from elmm_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +48,14 @@ def entity_texts(kg: KnowledgeGraph) -> list[str]:
     return [kg.entity_text(i) for i in range(kg.num_entities)]
 
 
-def get_tokenizer(cfg: Config, kg: KnowledgeGraph, run_dir: RunDir):
+def get_tokenizer(cfg: Config, kg: KnowledgeGraph, layout: RunLayout):
     """The run's tokenizer: trained once on the dataset's texts (tiny) and saved."""
-    path = run_dir.path("tokenizer")
+    path = layout.tokenizer
     if path.is_dir():
         return load_tokenizer(path)
     tokenizer = build_tokenizer(cfg, entity_texts(kg) + list(kg.relation_texts))
-    run_dir.root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=run_dir.root))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=layout.root))
     tokenizer.save_pretrained(tmp)
     try:
         os.rename(tmp, path)
@@ -63,18 +66,18 @@ def get_tokenizer(cfg: Config, kg: KnowledgeGraph, run_dir: RunDir):
     return tokenizer
 
 
-def backbone_source(cfg: Config, kg: KnowledgeGraph, run_dir: RunDir) -> str:
+def backbone_source(cfg: Config, kg: KnowledgeGraph, layout: RunLayout) -> str:
     """Where every process loads the backbone from: the checkpoint id/dir of the config, or
     for the tiny backbone ``<run_dir>/backbone`` (built from the seed and saved once)."""
     if cfg.model.backbone != "tiny":
         return cfg.model.backbone
-    saved = run_dir.path("backbone")
+    saved = layout.backbone
     if not (saved / "config.json").is_file():
-        tokenizer = get_tokenizer(cfg, kg, run_dir)
+        tokenizer = get_tokenizer(cfg, kg, layout)
         model = build_elmm(cfg, num_entities=kg.num_entities, tokenizer=tokenizer)
         # Written aside and renamed into place: concurrent processes never see half a
         # backbone, and the first one to finish wins (all build the same seeded weights).
-        tmp = Path(tempfile.mkdtemp(prefix=".backbone.", dir=run_dir.root))
+        tmp = Path(tempfile.mkdtemp(prefix=".backbone.", dir=layout.root))
         model.backbone.save_pretrained(tmp)
         try:
             os.rename(tmp, saved)
@@ -85,10 +88,10 @@ def backbone_source(cfg: Config, kg: KnowledgeGraph, run_dir: RunDir) -> str:
     return str(saved)
 
 
-def build_model(cfg: Config, kg: KnowledgeGraph, tokenizer, run_dir: RunDir) -> ELMM:
+def build_model(cfg: Config, kg: KnowledgeGraph, tokenizer, layout: RunLayout) -> ELMM:
     """The ELMM of ``cfg`` over the run's backbone (see :func:`backbone_source`), with LoRA
     when enabled."""
-    source = backbone_source(cfg, kg, run_dir)
+    source = backbone_source(cfg, kg, layout)
     effective = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=source))
     model = build_elmm(effective, num_entities=kg.num_entities, tokenizer=tokenizer)
     if cfg.lora.enabled:
@@ -99,7 +102,7 @@ def build_model(cfg: Config, kg: KnowledgeGraph, tokenizer, run_dir: RunDir) -> 
     return model
 
 
-def build_features(cfg: Config, model: ELMM, kg: KnowledgeGraph, shard_dir: Path):
+def build_features(cfg: Config, model: ELMM, kg: KnowledgeGraph):
     """Image features of every entity: none when the model reads no images; the extracted
     feature store when there is one (refused if it does not match the model); else computed
     in this process from the image shards."""
@@ -107,10 +110,8 @@ def build_features(cfg: Config, model: ELMM, kg: KnowledgeGraph, shard_dir: Path
     if not reads_images(cfg) or max_images == 0:
         tokens, width = image_feature_shape(model.backbone, cfg.model.feature_pool)
         return FeatureBank.empty(kg.num_entities, max_images, tokens, width)
-    from elmm_ray.data.features import open_feature_store
-
     try:
-        store = open_feature_store(cfg, backbone_source(cfg, kg, RunDir(cfg.run_dir)))
+        store = open_feature_store(cfg, backbone_source(cfg, kg, RunLayout.of(cfg)))
     except FileNotFoundError:
         store = None
     if store is not None:
@@ -119,23 +120,85 @@ def build_features(cfg: Config, model: ELMM, kg: KnowledgeGraph, shard_dir: Path
                              f"dataset has {kg.num_entities}; it belongs to another dataset")
         return store
     vision = model.backbone.config.vision_config
-    return features_from_shards(vision_tower_of(model.backbone), shard_dir,
+    return features_from_shards(vision_tower_of(model.backbone), RunLayout.of(cfg).shard_dir,
                                 num_entities=kg.num_entities, max_images=max_images,
                                 image_size=vision.image_size,
                                 layer=cfg.model.vision_feature_layer, pool=cfg.model.feature_pool)
 
 
-def build_context(cfg: Config, kg: KnowledgeGraph, run_dir: RunDir, shard_dir: Path,
-                  features: FeatureBank | None = None) -> ModelContext:
+def build_context(cfg: Config, kg: KnowledgeGraph, features: FeatureBank | None = None
+                  ) -> ModelContext:
+    """A fresh (untrained, seeded) model of ``cfg`` with LoRA when enabled."""
+    layout = RunLayout.of(cfg)
     torch.manual_seed(cfg.train.seed)
-    tokenizer = get_tokenizer(cfg, kg, run_dir)
-    model = build_model(cfg, kg, tokenizer, run_dir)
+    tokenizer = get_tokenizer(cfg, kg, layout)
+    model = build_model(cfg, kg, tokenizer, layout)
+    return _context(cfg, kg, model, tokenizer, features)
+
+
+def _context(cfg: Config, kg: KnowledgeGraph, model: ELMM, tokenizer,
+             features: FeatureBank | None) -> ModelContext:
     collator = QueryCollator(tokenizer, entity_texts(kg), kg.relation_texts, kg.num_relations,
                              cfg.model.max_text_tokens)
     if features is None:
-        features = build_features(cfg, model, kg, shard_dir)
+        features = build_features(cfg, model, kg)
     set_visual_summaries(model, features)
     return ModelContext(model, tokenizer, collator, features)
+
+
+def load_trained_context(cfg: Config, kg: KnowledgeGraph, model_dir: Path | None = None,
+                         features: FeatureBank | None = None) -> ModelContext:
+    """The run's model with its trained weights (LoRA not merged): ``model_dir`` or the
+    train stage's ``<run_dir>/train/model``."""
+    model_dir = Path(model_dir) if model_dir else RunLayout.of(cfg).trained_model
+    if not (model_dir / "trainable.json").is_file():
+        raise FileNotFoundError(f"no trained model at {model_dir}; run `elmm-ray train` first")
+    ctx = build_context(cfg, kg, features=features)
+    load_trainable(ctx.model, model_dir)
+    return ctx
+
+
+def load_pruned_context(cfg: Config, kg: KnowledgeGraph, model_dir: Path | None = None,
+                        features: FeatureBank | None = None) -> ModelContext:
+    """A pruned model saved by :func:`elmm_ray.models.pruned.save_pruned_model` (default
+    ``<run_dir>/prune/model``): the run's backbone reshaped and loaded from ``backbone/``,
+    then its trainable tensors (adapters, MVTC, heads, entity table)."""
+    layout = RunLayout.of(cfg)
+    model_dir = Path(model_dir) if model_dir else layout.pruned_model
+    tokenizer = get_tokenizer(cfg, kg, layout)
+    source = backbone_source(cfg, kg, layout)
+    effective = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=source))
+    model = build_elmm(effective, num_entities=kg.num_entities, tokenizer=tokenizer)
+    load_pruned_weights(model, model_dir / MODEL_BACKBONE_SUBDIR)
+    load_trainable(model, model_dir)
+    return _context(cfg, kg, model, tokenizer, features)
+
+
+def final_context(cfg: Config, kg: KnowledgeGraph) -> ModelContext:
+    """The run's final model: the pruned one when pruning is configured and done, else the
+    trained one."""
+    pruned = RunLayout.of(cfg).pruned_model
+    if cfg.prune.method != "none" and pruned.is_dir():
+        return load_pruned_context(cfg, kg)
+    return load_trained_context(cfg, kg)
+
+
+def prepare_finetune(model: ELMM, cfg: Config) -> None:
+    """Fresh LoRA adapters on a pruned, merged LLM (or the whole LLM trains), plus the heads
+    and every compensation map."""
+    if lora_layers(model):
+        raise ValueError("merge the previous adapters before adding new ones")
+    if hasattr(model, "peft_config"):  # left behind by merged adapters
+        del model.peft_config
+    if cfg.lora.enabled:
+        apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                   target_regex=cfg.lora.target_regex)
+    else:
+        set_trainable(model, train_llm=True)
+    for module in model.modules():
+        if isinstance(module, LinearCompensation):
+            for parameter in module.parameters():
+                parameter.requires_grad_(True)
 
 
 def set_visual_summaries(model: ELMM, features, chunk: int = 256) -> None:

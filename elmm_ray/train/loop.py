@@ -1,32 +1,230 @@
-"""``train_loop_per_worker``: one Ray Train worker running DeepSpeed ZeRO + LoRA.
+"""The one training loop: training and post-pruning fine-tuning, local or on Ray Train.
 
-Everything arrives in ``train_loop_config`` (the resolved config as a dict); deepspeed is
-imported inside the loop. Each worker builds the same model from the run directory,
-reads the training queries from its dataset shard (every worker receives all queries and
-takes its slice through :class:`QueryBatches`, so the data order is exact on resume),
-and runs :func:`elmm_ray.train.step.compute_loss`.
+:func:`run_loop` is the loop body. What differs between backends sits behind two small
+adapters:
 
-Validation: every rank computes the same validation subset (identical figures; under
-ZeRO-3 all ranks must take part in every forward anyway). Checkpoints: every rank saves
-its DeepSpeed shards plus its own data position and sampler state, then reports.
+- an **engine** (backward / step / learning rate / memory): :class:`TorchEngine` (AdamW,
+  warm-up + cosine, accumulation, clipping: the local backend) or :class:`DeepSpeedEngine`
+  (a ``deepspeed.initialize`` engine: ZeRO-2/3 on Ray Train workers);
+- a **session** (rank, world size, reporting, checkpoints): :class:`LocalSession` (one
+  process, no checkpoints) or :class:`RaySession` (``ray.train.report`` with every rank's
+  DeepSpeed shards plus its data position and sampler state, resumable).
+
+:func:`train_local` runs the loop in this process; :func:`train_loop_per_worker` is the
+function a ``TorchTrainer`` runs on every worker (see :mod:`elmm_ray.train.trainer`). Both
+build the model the same way (:mod:`elmm_ray.train.context`); a :class:`LoopSpec` says
+whether it is a fresh model or a saved pruned one, and where outputs go.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from elmm_ray.config import Config, config_from_dict
-from elmm_ray.rundir import RunDir
+from elmm_ray.data.dataset import load_dataset
+from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model
+from elmm_ray.layout import RunLayout, write_json_atomic
+from elmm_ray.models.lora import save_trainable
+from elmm_ray.train.context import (
+    ModelContext,
+    build_context,
+    load_pruned_context,
+    prepare_finetune,
+)
+from elmm_ray.train.metrics import MetricsLogger
+from elmm_ray.train.step import QueryBatches, compute_loss
 
 CHECKPOINT_TAG = "ckpt"
 FAULT_MARKER = ".fault_injected"
+MODEL_SUBDIR = "model"
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """What one training run trains and where it writes, relative to the run directory.
+
+    ``init_model``: a saved pruned model directory to fine-tune (fresh LoRA adapters on the
+    pruned backbone, compensation maps trainable, its entity table kept); ``None`` trains
+    the fresh model of the config, its entity table initialised from each entity's own
+    encoding. ``run_name`` names the Ray Train run (its checkpoints, hence resume)."""
+
+    out_subdir: str = "train"
+    init_model: str | None = None
+    run_name: str = "train"
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    steps = cfg.train.epochs * steps_per_epoch
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def init_entity_table(ctx: ModelContext, batch_size: int, layout: RunLayout | None = None
+                      ) -> None:
+    """Each entity's own encoding: read from ``<run_dir>/entity_init.safetensors`` when the
+    entity-init stage wrote it, else computed here."""
+    path = layout.entity_init if layout else None
+    if path is not None and path.is_file():
+        from safetensors.torch import load_file
+
+        vectors = load_file(str(path))["entity_table"]
+    else:
+        vectors = encode_all_entities(ctx.model, ctx.collator, ctx.features, batch_size)
+    ctx.model.init_entity_table(vectors)
+
+
+def prepare_context(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec) -> ModelContext:
+    """The model a run of ``spec`` starts from, ready to train."""
+    torch.manual_seed(cfg.train.seed)
+    if spec.init_model:
+        ctx = load_pruned_context(cfg, kg, Path(spec.init_model))
+        prepare_finetune(ctx.model, cfg)
+        return ctx
+    ctx = build_context(cfg, kg)
+    init_entity_table(ctx, cfg.eval.batch_size, RunLayout.of(cfg))
+    return ctx
+
+
+# --- engines ------------------------------------------------------------------------------------
+
+
+class TorchEngine:
+    """AdamW + warm-up/cosine schedule, gradient accumulation and clipping, in one process."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: Config, steps: int) -> None:
+        tc = cfg.train
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=tc.learning_rate,
+                                           weight_decay=tc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(tc.warmup_steps, steps))
+        self.grad_accum, self.grad_clip = tc.grad_accum, tc.grad_clip
+        self.micro_steps = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum == 0:
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def memory_mb(self, model: torch.nn.Module) -> dict:
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        state = sum(v.numel() * v.element_size() for s in self.optimizer.state.values()
+                    for v in s.values() if torch.is_tensor(v))
+        return {"param_mb": params / 2**20, "optimizer_mb": state / 2**20}
+
+
+class DeepSpeedEngine:
+    """A ``deepspeed.initialize`` engine behind the same four calls."""
+
+    def __init__(self, engine, scheduler) -> None:
+        self.engine, self.scheduler = engine, scheduler
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0]) if self.scheduler else 0.0
+
+    def memory_mb(self, model: torch.nn.Module) -> dict:
+        """Parameters (under ZeRO-3 only this rank's partition) and optimizer state
+        (moments + fp32 master partitions) this rank holds."""
+        params = 0
+        for p in model.parameters():
+            part = getattr(p, "ds_tensor", None)
+            held = part if part is not None else p
+            params += held.numel() * held.element_size()
+        optimizer = self.engine.optimizer
+        state_bytes = 0
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for state in getattr(inner, "state", {}).values():
+            state_bytes += sum(v.numel() * v.element_size() for v in state.values()
+                               if torch.is_tensor(v))
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+            for flat in getattr(optimizer, attr, None) or []:
+                state_bytes += flat.numel() * flat.element_size()
+        return {"param_mb": params / 2**20, "optimizer_mb": state_bytes / 2**20}
+
+
+# --- sessions -----------------------------------------------------------------------------------
+
+
+class LocalSession:
+    """One process: rank 0 of 1, no checkpoints."""
+
+    rank, world = 0, 1
+    resumed_state: dict | None = None
+
+    def report(self, record: dict, state: dict) -> None:
+        pass
+
+    def agree_to_stop(self, stop: bool) -> bool:
+        return stop
+
+
+class RaySession:
+    """A Ray Train worker: every rank saves its DeepSpeed shards and its own state, then
+    reports; a restarted or resumed run continues from ``ray.train.get_checkpoint()``."""
+
+    def __init__(self, engine) -> None:
+        import ray.train
+
+        self.train = ray.train
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.engine = engine
+        self.resumed_state = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as directory:
+                engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=False)
+                self.resumed_state = load_rank_state(directory, self.rank)
+
+    def report(self, record: dict, state: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix="elmm_ckpt_") as tmp:
+            self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
+            save_rank_state(tmp, self.rank, state)
+            self.train.report(record, checkpoint=self.train.Checkpoint.from_directory(tmp))
+
+    def agree_to_stop(self, stop: bool) -> bool:
+        """Every rank stops at the same step (a time limit is measured per rank)."""
+        flag = torch.tensor([1.0 if stop else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _rank_state_path(directory: str | Path, rank: int) -> Path:
@@ -46,30 +244,11 @@ def load_rank_state(directory: str | Path, rank: int) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def rank_memory_mb(engine, model: torch.nn.Module) -> tuple[float, float]:
-    """(parameters, optimizer state) this rank holds, in MiB: under ZeRO-3 only its
-    parameter partition; optimizer state = moments + fp32 master partitions."""
-    params = 0
-    for p in model.parameters():
-        part = getattr(p, "ds_tensor", None)
-        held = part if part is not None else p
-        params += held.numel() * held.element_size()
-    optimizer_bytes = 0
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for state in getattr(inner, "state", {}).values():
-        optimizer_bytes += sum(v.numel() * v.element_size() for v in state.values()
-                               if torch.is_tensor(v))
-    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
-        for flat in getattr(engine.optimizer, attr, None) or []:
-            optimizer_bytes += flat.numel() * flat.element_size()
-    return params / 2**20, optimizer_bytes / 2**20
-
-
-def _maybe_inject_fault(cfg: Config, rank: int, step: int, run_dir: RunDir) -> None:
+def _maybe_inject_fault(cfg: Config, rank: int, step: int, out: Path) -> None:
     """Test hook (``train.fail_at_step``): rank 0 of the first attempt dies at that step."""
     if not cfg.train.fail_at_step or rank != 0 or step != cfg.train.fail_at_step:
         return
-    marker = run_dir.path("train", FAULT_MARKER)
+    marker = out / FAULT_MARKER
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -77,127 +256,157 @@ def _maybe_inject_fault(cfg: Config, rank: int, step: int, run_dir: RunDir) -> N
     os._exit(1)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """The worker function given to ``TorchTrainer``."""
-    cfg = config_from_dict(config["cfg"])
-    use_gpu = cfg.train.use_gpu
-    from elmm_ray.train import deepspeed as ds_setup
+# --- the loop -----------------------------------------------------------------------------------
 
-    if not use_gpu:
-        ds_setup.prepare_cpu_environment()
-    torch.set_num_threads(cfg.train.threads_per_worker)
 
-    import deepspeed
-    import ray.train
-
-    from elmm_ray import pipeline
-    from elmm_ray.eval.evaluate import evaluate_model
-    from elmm_ray.train.context import build_context
-    from elmm_ray.train.local import init_entity_table, lr_lambda, total_steps
-    from elmm_ray.train.metrics import MetricsLogger
-    from elmm_ray.train.step import QueryBatches, compute_loss
-
-    ds_setup.disable_jit_ops()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(cfg.train.seed)
-    run_dir = RunDir(cfg.run_dir)
-    kg = pipeline.load_dataset(cfg)
-    shard_dir = pipeline.shard_dir(cfg)
-    ctx = build_context(cfg, kg, run_dir, shard_dir)
-    model = ctx.model
-    init_entity_table(ctx, cfg.eval.batch_size, run_dir)
-
-    shard = ray.train.get_dataset_shard("train")
-    queries = np.concatenate([b["data"] for b in shard.iter_batches(batch_format="numpy",
-                                                                     batch_size=65536)])
-    batches = QueryBatches(queries, cfg.train.batch_size, cfg.train.seed, shard=rank,
-                           num_shards=world)
+def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.ndarray,
+             engine, session, out: Path, *, show_progress: bool = False,
+             gather=None) -> dict:
+    """Train ``ctx.model`` on ``queries`` with ``engine``; validate every
+    ``train.eval_every`` steps (default: each epoch) and report through ``session``; save
+    the trainable weights to ``<out>/model``. Returns steps, seconds, losses, history.
+    ``gather``: a context manager that gathers partitioned parameters for the final save
+    (ZeRO-3)."""
+    tc, model = cfg.train, ctx.model
+    rank, world = session.rank, session.world
+    batches = QueryBatches(queries, tc.batch_size, tc.seed, shard=rank, num_shards=world)
     steps = total_steps(cfg, batches.steps_per_epoch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    client_optimizer = None
-    if ds_setup.uses_client_optimizer(cfg, use_gpu):
-        client_optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate,
-                                             weight_decay=cfg.train.weight_decay)
-    schedule = lr_lambda(cfg.train.warmup_steps, steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=client_optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=ds_setup.deepspeed_config(cfg, use_gpu=use_gpu),
-    )
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    generator = torch.Generator().manual_seed(tc.seed * 1000 + rank)
     known = kg.filter_index(("train",))
-    step, history, seconds_before = 0, [], 0.0
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=False)
-            state = load_rank_state(directory, rank)
-        batches.load_state_dict(state["data"])
-        generator.set_state(state["generator"])
-        step, history = int(state["step"]), json.loads(state["history"])
-        seconds_before = float(state["seconds"])
-
-    logger = MetricsLogger(run_dir.path("train"), cfg.train.mlflow_uri, enabled=rank == 0,
-                           resume=bool(checkpoint))
-    eval_every = cfg.train.eval_every or batches.steps_per_epoch
-    samples_per_step = cfg.train.batch_size * world
+    step, history, seconds_before, eval_seconds = 0, [], 0.0, 0.0
+    resumed = session.resumed_state
+    if resumed:
+        batches.load_state_dict(resumed["data"])
+        generator.set_state(resumed["generator"])
+        step, history = int(resumed["step"]), json.loads(resumed["history"])
+        seconds_before, eval_seconds = float(resumed["seconds"]), float(resumed["eval_seconds"])
+    logger = MetricsLogger(out, tc.mlflow_uri, enabled=rank == 0, resume=bool(resumed))
+    eval_every = tc.eval_every or batches.steps_per_epoch
+    samples_per_step = tc.batch_size * world
     start = time.perf_counter() - seconds_before
-    eval_seconds = float(state["eval_seconds"]) if checkpoint else 0.0
     memory: dict = {}
-    window_start, window_losses = time.perf_counter(), []
+    losses: list[float] = []
+    window_start, window = time.perf_counter(), []
+    bar = tqdm(total=steps, initial=step, desc=out.name, dynamic_ncols=True,
+               disable=not (show_progress and rank == 0 and world == 1))
     model.train()
     for epoch, _, batch in batches:
-        if step >= steps:
+        if step >= steps or (tc.max_minutes and session.agree_to_stop(
+                time.perf_counter() - start > 60 * tc.max_minutes)):
             break
-        _maybe_inject_fault(cfg, rank, step + 1, run_dir)
+        _maybe_inject_fault(cfg, rank, step + 1, out)
         parts = compute_loss(model, ctx.collator, ctx.features, batch, known,
-                             num_negatives=cfg.train.num_negatives,
-                             knowledge_weight=cfg.train.knowledge_weight,
-                             in_batch_negatives=cfg.train.in_batch_negatives,
-                             generator=generator)
+                             num_negatives=tc.num_negatives,
+                             knowledge_weight=tc.knowledge_weight,
+                             in_batch_negatives=tc.in_batch_negatives, generator=generator)
         engine.backward(parts.loss)
         engine.step()
         step += 1
-        if not memory:
-            param_mb, optimizer_mb = rank_memory_mb(engine, model)
-            memory = {"param_mb": param_mb, "optimizer_mb": optimizer_mb}
-        window_losses.append(float(parts.loss.detach()))
-        if rank == 0 and (step % max(1, steps // 20) == 0 or step == steps):
-            elapsed = time.perf_counter() - window_start
-            rate = len(window_losses) * samples_per_step / max(elapsed, 1e-9)
-            eta = (steps - step) * samples_per_step / max(rate, 1e-9)
-            print(f"[train] step {step}/{steps} epoch {epoch} loss "
-                  f"{np.mean(window_losses):.4f} {rate:.1f} samples/s ETA {eta:.0f}s", flush=True)
+        memory = memory or engine.memory_mb(model)
+        losses.append(float(parts.loss.detach()))
+        window.append(losses[-1])
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
+        if rank == 0 and bar.disable and (step % max(1, steps // 20) == 0 or step == steps):
+            rate = len(window) * samples_per_step / max(time.perf_counter() - window_start, 1e-9)
+            print(f"[{out.name}] step {step}/{steps} epoch {epoch} loss {np.mean(window):.4f} "
+                  f"{rate:.1f} samples/s ETA {(steps - step) * samples_per_step / rate:.0f}s",
+                  flush=True)
         if step % eval_every == 0 or step == steps:
             eval_start = time.perf_counter()
             val = evaluate_model(model, ctx.collator, ctx.features, kg, split="valid",
                                  batch_size=cfg.eval.batch_size,
-                                 max_queries=cfg.train.val_max_queries, ks=cfg.eval.hits_at)
-            record = {"step": step, "epoch": epoch, "loss": float(np.mean(window_losses)),
-                      "task_loss": parts.task, "knowledge_loss": parts.knowledge,
-                      "lr": float(scheduler.get_last_lr()[0]) if scheduler else 0.0,
-                      "val_mrr": val["overall"]["mrr"], "val_hits1": val["overall"]["hits@1"],
-                      "seconds": time.perf_counter() - start, "workers": world, **memory}
+                                 max_queries=tc.val_max_queries, ks=cfg.eval.hits_at)
             eval_seconds += time.perf_counter() - eval_start
+            record = {"step": step, "epoch": epoch, "loss": float(np.mean(window)),
+                      "task_loss": parts.task, "knowledge_loss": parts.knowledge,
+                      "lr": engine.lr, "val_mrr": val["overall"]["mrr"],
+                      "val_hits1": val["overall"]["hits@1"],
+                      "seconds": time.perf_counter() - start, "workers": world, **memory}
             record["train_seconds"] = record["seconds"] - eval_seconds
             history.append(record)
             logger.log(record)
-            window_start, window_losses = time.perf_counter(), []
-            with tempfile.TemporaryDirectory(prefix="elmm_ckpt_") as tmp:
-                engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
-                save_rank_state(tmp, rank, {
-                    "data": batches.state_dict(), "generator": generator.get_state(),
-                    "step": step, "history": json.dumps(history),
-                    "seconds": time.perf_counter() - start, "eval_seconds": eval_seconds})
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    from elmm_ray.models.lora import save_trainable
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
-                                           enabled=cfg.deepspeed.zero_stage == 3):
+            if not bar.disable:
+                bar.write(f"step {step}: loss {record['loss']:.4f}  val MRR "
+                          f"{record['val_mrr']:.4f}  val Hits@1 {record['val_hits1']:.4f}")
+            window_start, window = time.perf_counter(), []
+            session.report(record, {
+                "data": batches.state_dict(), "generator": generator.get_state(),
+                "step": step, "history": json.dumps(history),
+                "seconds": time.perf_counter() - start, "eval_seconds": eval_seconds})
+    bar.close()
+    seconds = time.perf_counter() - start
+    params = [p for p in model.parameters() if p.requires_grad]
+    with gather(params) if gather else _nothing():
         if rank == 0:
-            save_trainable(model, run_dir.path("train", "model"))
+            save_trainable(model, out / MODEL_SUBDIR)
     if rank == 0:
-        logger.finish(history, steps=step, seconds=time.perf_counter() - start)
+        logger.finish(history, steps=step, seconds=seconds)
+    return {"steps": step, "train_seconds": seconds, "losses": losses, "history": history}
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
+                ctx: ModelContext | None = None, *, show_progress: bool = True) -> dict:
+    """The local backend: the loop in this process with a :class:`TorchEngine`. Given
+    ``ctx`` (e.g. a pruned model being fine-tuned in place) it trains that model and keeps
+    its entity table. Writes ``<run_dir>/<spec.out_subdir>/{model/, summary.json, ...}``."""
+    out = RunLayout.of(cfg).path(spec.out_subdir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = ctx or prepare_context(cfg, kg, spec)
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    queries = kg.queries("train", cfg.train.both_directions)
+    steps = total_steps(cfg, QueryBatches(queries, cfg.train.batch_size, 0).steps_per_epoch)
+    summary = run_loop(cfg, kg, ctx, queries, TorchEngine(params, cfg, steps), LocalSession(),
+                       out, show_progress=show_progress)
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The function a ``TorchTrainer`` runs on every worker: ``config`` holds the resolved
+    config (``cfg``) and the :class:`LoopSpec` (``spec``) as plain dicts."""
+    cfg = config_from_dict(config["cfg"])
+    spec = LoopSpec(**config["spec"])
+    from elmm_ray.train import deepspeed as ds_setup
+
+    if not cfg.train.use_gpu:
+        ds_setup.prepare_cpu_environment()
+    torch.set_num_threads(cfg.train.threads_per_worker)
+    import deepspeed
+    import ray.train
+
+    ds_setup.disable_jit_ops()
+    kg = load_dataset(cfg)
+    ctx = prepare_context(cfg, kg, spec)
+    shard = ray.train.get_dataset_shard("train")
+    queries = np.concatenate([b["data"] for b in shard.iter_batches(batch_format="numpy",
+                                                                     batch_size=65536)])
+    world = ray.train.get_context().get_world_size()
+    steps = total_steps(cfg, QueryBatches(queries, cfg.train.batch_size, 0,
+                                          num_shards=world).steps_per_epoch)
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    client_optimizer = None
+    if ds_setup.uses_client_optimizer(cfg, cfg.train.use_gpu):
+        client_optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate,
+                                             weight_decay=cfg.train.weight_decay)
+    schedule = lr_lambda(cfg.train.warmup_steps, steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=ctx.model, model_parameters=params, optimizer=client_optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_setup.deepspeed_config(cfg, use_gpu=cfg.train.use_gpu))
+    zero3 = cfg.deepspeed.zero_stage == 3
+
+    def gather(params):
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3)
+
+    out = RunLayout.of(cfg).path(spec.out_subdir)
+    run_loop(cfg, kg, ctx, queries, DeepSpeedEngine(engine, scheduler), RaySession(engine),
+             out, gather=gather)

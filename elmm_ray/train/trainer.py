@@ -1,31 +1,29 @@
 """The Ray Train driver: a ``TorchTrainer`` over :func:`train_loop_per_worker`.
 
-The run name and storage path are stable (``<run_dir>/ray_train``, name ``train``), so the
-same command after an interruption resumes from the latest checkpoint; ``FailureConfig``
-replaces dead workers and restarts them from the last checkpoint.
+The run name and storage path are stable (``<run_dir>/ray_train``, name
+``LoopSpec.run_name``), so the same command after an interruption resumes from the latest
+checkpoint; ``FailureConfig`` replaces dead workers and restarts them from the last
+checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-from pathlib import Path
 
 from elmm_ray.config import Config, config_to_dict
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.rundir import RunDir
+from elmm_ray.layout import RunLayout, absolute_paths
+from elmm_ray.ray_session import init_ray
+from elmm_ray.train.context import backbone_source
+from elmm_ray.train.loop import LoopSpec, train_local, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-RUN_NAME = "train"
 
-
-def storage_path(cfg: Config) -> str:
-    """Where Ray Train keeps checkpoints: ``<run_dir>/ray_train`` (absolute)."""
-    return str(Path(RunDir(cfg.run_dir).path("ray_train")).resolve())
-
-
-def build_trainer(cfg: Config, kg: KnowledgeGraph):
-    """A ``TorchTrainer`` for ``cfg`` (Ray must be initialised)."""
+def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec()):
+    """A ``TorchTrainer`` for ``cfg`` and ``spec`` (Ray must be initialised)."""
     import ray.data
     from ray.train import (
         CheckpointConfig,
@@ -36,12 +34,9 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph):
     )
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from elmm_ray.pipeline import absolute_paths
-    from elmm_ray.train.context import backbone_source
-    from elmm_ray.train.loop import train_loop_per_worker
-
     cfg = absolute_paths(cfg)
-    backbone_source(cfg, kg, RunDir(cfg.run_dir))  # tokenizer + backbone before any worker
+    layout = RunLayout.of(cfg)
+    backbone_source(cfg, kg, layout)  # tokenizer + backbone written before any worker
     tc = cfg.train
     queries = kg.queries("train", tc.both_directions)
     # Workers read these few integers once; a progress bar would only linger in the log.
@@ -57,7 +52,7 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph):
         env_vars["DS_ACCELERATOR"] = "cpu"
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": config_to_dict(cfg)},
+        train_loop_config={"cfg": config_to_dict(cfg), "spec": dataclasses.asdict(spec)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
@@ -66,8 +61,8 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph):
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
-            name=RUN_NAME,
-            storage_path=storage_path(cfg),
+            name=spec.run_name,
+            storage_path=str(layout.ray_train_storage),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep,
                                                checkpoint_score_attribute="val_mrr",
                                                checkpoint_score_order="max"),
@@ -77,17 +72,13 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph):
     )
 
 
-def train_ray(cfg: Config, kg: KnowledgeGraph) -> dict:
+def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec()) -> dict:
     """Train on Ray; returns a summary with the run's metrics history."""
-    import json
-
-    from elmm_ray.ray_session import init_ray
-
     init_ray(cfg.ray)
-    result = build_trainer(cfg, kg).fit()
+    result = build_trainer(cfg, kg, spec).fit()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
-    out = RunDir(cfg.run_dir).path("train")
+    out = RunLayout.of(cfg).path(spec.out_subdir)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"steps": history[-1]["step"] if history else 0,
             "train_seconds": history[-1]["seconds"] if history else 0.0,
@@ -95,3 +86,15 @@ def train_ray(cfg: Config, kg: KnowledgeGraph) -> dict:
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "best_checkpoints": [(c.path, m.get("val_mrr"))
                                  for c, m in (result.best_checkpoints or [])]}
+
+
+def train(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(), ctx=None, *,
+          show_progress: bool = True) -> dict:
+    """Train with ``train.backend``: the one loop in this process (``local``) or on Ray Train
+    workers (``ray``). ``ctx`` (local only) trains an existing in-memory model."""
+    if cfg.train.backend == "local":
+        return train_local(cfg, kg, spec, ctx, show_progress=show_progress)
+    if ctx is not None:
+        raise ValueError("train.backend=ray builds the model on the workers; save it and "
+                         "pass LoopSpec(init_model=...) instead of an in-memory context")
+    return train_ray(cfg, kg, spec)

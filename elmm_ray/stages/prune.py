@@ -1,8 +1,9 @@
-"""The ``prune`` stage: the only pruning module that reads the :class:`Config`.
+"""The ``prune`` stage: the only place where pruning meets the :class:`Config`.
 
-``run_prune(cfg)``: load the trained run (``<run_dir>/train/model``), merge LoRA, prune
+``run_prune``: load the trained run (``<run_dir>/train/model``), merge LoRA, prune
 with ``prune.method`` to ``prune.ratio`` in ``prune.steps`` rounds (attention pruning:
-one round), fine-tuning ``prune.finetune_steps`` steps after each round with
+one round), fine-tuning ``prune.finetune_steps`` steps after each round through the one
+training loop (:mod:`elmm_ray.train.loop`, on the configured backend) with
 ``L_task + prune.knowledge_weight * L_knowledge`` (fresh LoRA adapters when
 ``lora.enabled``; compensation maps train too), evaluate, save the pruned model to
 ``<run_dir>/prune/model`` (``backbone/`` = pruned backbone, plus the trainable tensors)
@@ -13,28 +14,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import time
-from pathlib import Path
 
 from elmm_ray.config import Config
-from elmm_ray.data.image_features import FeatureBank
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.eval.evaluate import evaluate_model
-from elmm_ray.models.build import build_elmm
+from elmm_ray.layout import RunLayout
 from elmm_ray.models.elmm import ELMM
-from elmm_ray.models.lora import (
-    apply_lora,
-    load_trainable,
-    lora_layers,
-    merge_lora,
-    save_trainable,
-    set_trainable,
-)
-from elmm_ray.models.pruned import load_pruned_weights, save_pruned_backbone
-from elmm_ray.models.surgery import LinearCompensation
+from elmm_ray.models.lora import load_trainable, merge_lora
+from elmm_ray.models.pruned import save_pruned_model
 from elmm_ray.pruning import make_pruner
 from elmm_ray.pruning.base import CalibrationData, PruneOptions, sample_queries
 from elmm_ray.pruning.report import (
@@ -49,20 +37,19 @@ from elmm_ray.pruning.report import (
     write_report,
 )
 from elmm_ray.pruning.structured import original_prunable_parameters, prunable_parameters
-from elmm_ray.rundir import RunDir, read_json
+from elmm_ray.stages.base import Stage, StageContext, register
+from elmm_ray.stages.train import evaluate
 from elmm_ray.train.context import (
     ModelContext,
-    backbone_source,
-    build_features,
-    entity_texts,
-    get_tokenizer,
+    load_trained_context,
+    prepare_finetune,
 )
+from elmm_ray.train.loop import LoopSpec
+from elmm_ray.train.trainer import train
 
 log = logging.getLogger(__name__)
 
 STAGE = "prune"
-MODEL_SUBDIR = "model"
-BACKBONE_SUBDIR = "backbone"
 LATENCY_BATCH = 32
 LATENCY_BATCHES = 4
 LATENCY_REPEATS = 7
@@ -105,65 +92,6 @@ def finetune_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=train)
 
 
-# --- model contexts ----------------------------------------------------------------------------
-
-
-def load_pruned_context(cfg: Config, kg: KnowledgeGraph, shard_dir: Path,
-                        model_dir: Path | None = None,
-                        features: FeatureBank | None = None) -> ModelContext:
-    """A pruned model saved by :func:`save_pruned_model` (default ``<run_dir>/prune/model``):
-    the run's backbone reshaped and loaded from ``backbone/``, then ``load_trainable``."""
-    from elmm_ray.data.collate import QueryCollator
-
-    run_dir = RunDir(cfg.run_dir)
-    model_dir = Path(model_dir) if model_dir else run_dir.path(STAGE, MODEL_SUBDIR)
-    tokenizer = get_tokenizer(cfg, kg, run_dir)
-    source = backbone_source(cfg, kg, run_dir)
-    effective = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=source))
-    model = build_elmm(effective, num_entities=kg.num_entities, tokenizer=tokenizer)
-    load_pruned_weights(model, model_dir / BACKBONE_SUBDIR)
-    load_trainable(model, model_dir)
-    collator = QueryCollator(tokenizer, entity_texts(kg), kg.relation_texts, kg.num_relations,
-                             cfg.model.max_text_tokens)
-    if features is None:
-        features = build_features(cfg, model, kg, shard_dir)
-    return ModelContext(model, tokenizer, collator, features)
-
-
-def save_pruned_model(model: ELMM, directory: Path, extra: dict | None = None) -> Path:
-    """Pruned backbone into ``directory/backbone``, trainable tensors into ``directory``."""
-    directory = Path(directory)
-    save_pruned_backbone(model, directory / BACKBONE_SUBDIR, extra)
-    save_trainable(model, directory)
-    return directory
-
-
-def mark_compensation_trainable(model: ELMM) -> int:
-    """Make every compensation map trainable; returns how many parameters that is."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LinearCompensation):
-            for parameter in module.parameters():
-                parameter.requires_grad_(True)
-                count += parameter.numel()
-    return count
-
-
-def prepare_finetune(model: ELMM, cfg: Config) -> None:
-    """Fresh LoRA adapters on the pruned LLM (or the whole LLM trains), plus the heads and
-    compensation maps."""
-    if lora_layers(model):
-        raise ValueError("merge the previous adapters before adding new ones")
-    if hasattr(model, "peft_config"):  # left behind by merged adapters
-        del model.peft_config
-    if cfg.lora.enabled:
-        apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                   target_regex=cfg.lora.target_regex)
-    else:
-        set_trainable(model, train_llm=True)
-    mark_compensation_trainable(model)
-
-
 def deployment_copy(model: ELMM) -> ELMM:
     """A copy with LoRA merged (what would be deployed), for timing and counting."""
     clone = copy.deepcopy(model)
@@ -174,13 +102,7 @@ def deployment_copy(model: ELMM) -> ELMM:
 # --- the schedule -----------------------------------------------------------------------------
 
 
-def evaluate(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext) -> dict:
-    return evaluate_model(ctx.model, ctx.collator, ctx.features, kg, split=cfg.eval.split,
-                          batch_size=cfg.eval.batch_size, max_queries=cfg.eval.max_queries,
-                          ks=cfg.eval.hits_at)
-
-
-def prune_schedule(cfg: Config, kg: KnowledgeGraph, shard_dir: Path, ctx: ModelContext,
+def prune_schedule(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
                    data: CalibrationData, *, out_prefix: str = STAGE,
                    show_progress: bool = False) -> dict:
     """Prune ``ctx.model`` in place with ``cfg.prune`` (method, ratio, steps), fine-tuning
@@ -200,14 +122,14 @@ def prune_schedule(cfg: Config, kg: KnowledgeGraph, shard_dir: Path, ctx: ModelC
                         time.perf_counter() - start, "report": report}
         record["pre_ft"] = overall_metrics(evaluate(cfg, kg, ctx))
         if p.finetune_steps > 0:
-            prepare_finetune(ctx.model, cfg)
-            summary = train_local_quiet(ft_cfg, kg, shard_dir, ctx, f"{out_prefix}/finetune_{k}",
-                                        show_progress)
-            record["post_ft"] = overall_metrics(summary["metrics"])
+            summary = finetune(ft_cfg, kg, ctx, f"{out_prefix}/finetune_{k}", show_progress)
+            record["post_ft"] = overall_metrics(evaluate(cfg, kg, ctx))
+            # Per-step losses from the local loop; the Ray loop reports window means.
+            losses = summary.get("losses") or [h["loss"] for h in summary["history"]]
             record["finetune"] = {"steps": summary["steps"],
                                   "seconds": summary["train_seconds"],
-                                  "first_loss": summary["losses"][0] if summary["losses"] else None,
-                                  "last_loss": summary["losses"][-1] if summary["losses"] else None}
+                                  "first_loss": losses[0] if losses else None,
+                                  "last_loss": losses[-1] if losses else None}
         else:
             record["post_ft"] = record["pre_ft"]
         log.info("prune round %d/%d (%s %.3f): pre-FT %s post-FT %s", k, steps, p.method,
@@ -219,13 +141,23 @@ def prune_schedule(cfg: Config, kg: KnowledgeGraph, shard_dir: Path, ctx: ModelC
             / original_prunable_parameters(ctx.model)}
 
 
-def train_local_quiet(cfg: Config, kg: KnowledgeGraph, shard_dir: Path, ctx: ModelContext,
-                      out_subdir: str, show_progress: bool) -> dict:
-    """``train_local`` on an existing context, keeping its entity table."""
-    from elmm_ray.train.local import train_local
-
-    return train_local(cfg, kg, shard_dir, ctx=ctx, out_subdir=out_subdir, init_table=False,
-                       show_progress=show_progress)
+def finetune(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, out_subdir: str,
+             show_progress: bool) -> dict:
+    """Fine-tune the pruned (merged) ``ctx.model`` through the one training loop, keeping its
+    entity table: in this process (``train.backend=local``), or on Ray Train workers, which
+    load the pruned model saved under ``<out_subdir>/start`` and whose result is loaded
+    back into ``ctx.model``."""
+    if cfg.train.backend == "local":
+        prepare_finetune(ctx.model, cfg)
+        return train(cfg, kg, LoopSpec(out_subdir=out_subdir), ctx, show_progress=show_progress)
+    layout = RunLayout.of(cfg)
+    start = save_pruned_model(ctx.model, layout.path(out_subdir, "start"))
+    spec = LoopSpec(out_subdir=out_subdir, init_model=str(start),
+                    run_name=out_subdir.replace("/", "_"))
+    summary = train(cfg, kg, spec)
+    prepare_finetune(ctx.model, cfg)
+    load_trainable(ctx.model, layout.path(out_subdir, "model"))
+    return summary
 
 
 def measure(models: dict[str, ELMM], batches: list, repeats: int = LATENCY_REPEATS,
@@ -260,36 +192,15 @@ def measure(models: dict[str, ELMM], batches: list, repeats: int = LATENCY_REPEA
     return out
 
 
-def fingerprint(cfg: Config, model_dir: Path) -> str:
-    """Hash of the prune / fine-tune / eval settings and the trained checkpoint's manifest."""
-    manifest = model_dir / "trainable.json"
-    payload = {"prune": dataclasses.asdict(cfg.prune), "train": dataclasses.asdict(cfg.train),
-               "lora": dataclasses.asdict(cfg.lora), "eval": dataclasses.asdict(cfg.eval),
-               "trained": manifest.stat().st_mtime_ns if manifest.is_file() else None}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
-        :20]
-
-
-def run_prune(cfg: Config, kg: KnowledgeGraph | None = None, show_progress: bool = True) -> dict:
-    """The ``prune`` stage (see the module docstring). Returns the report payload."""
-    from elmm_ray import pipeline
-
+def run_prune(stage: StageContext) -> dict:
+    """The ``prune`` stage (see the module docstring): returns the manifest payload."""
+    cfg, kg = stage.cfg, stage.kg
     if cfg.prune.method == "none":
         raise ValueError("prune.method is 'none': set prune.method to attention, knowledge, "
                          "magnitude or random")
-    run_dir = RunDir(cfg.run_dir)
-    trained = run_dir.path("train", MODEL_SUBDIR)
-    if not (trained / "trainable.json").is_file():
-        raise FileNotFoundError(f"no trained model at {trained}: run the train stage first")
-    out = run_dir.path(STAGE)
-    digest = fingerprint(cfg, trained)
-    if run_dir.is_complete(STAGE, digest) and (out / "prune_report.json").is_file():
-        log.info("prune stage complete with the same settings; skipping")
-        return read_json(out / "prune_report.json")
-    kg = kg or pipeline.load_dataset(cfg)
-    shard_dir = pipeline.shard_dir(cfg)
+    out = stage.layout.stage_dir(STAGE)
     start = time.perf_counter()
-    ctx = pipeline.load_trained_context(cfg, kg)
+    ctx = load_trained_context(cfg, kg)
     merge_lora(ctx.model)
     ctx.model.eval()
     base_metrics = overall_metrics(evaluate(cfg, kg, ctx))
@@ -298,8 +209,8 @@ def run_prune(cfg: Config, kg: KnowledgeGraph | None = None, show_progress: bool
                              LATENCY_BATCH, LATENCY_BATCHES)
     unpruned = deployment_copy(ctx.model)  # kept for interleaved timing
     data = calibration_data(cfg, kg, ctx)
-    schedule = prune_schedule(cfg, kg, shard_dir, ctx, data, out_prefix=STAGE,
-                              show_progress=show_progress)
+    schedule = prune_schedule(cfg, kg, ctx, data, out_prefix=STAGE,
+                              show_progress=stage.show_progress)
     measured = measure({"unpruned": unpruned, "pruned": ctx.model}, batches, base="unpruned")
     base, pruned = measured["unpruned"], measured["pruned"]
     del unpruned
@@ -333,15 +244,14 @@ def run_prune(cfg: Config, kg: KnowledgeGraph | None = None, show_progress: bool
                   "Hits@1 (pruned) is right after the last pruning round, (+FT) after its "
                   "fine-tuning; retained = Hits@1 (+FT) / unpruned Hits@1"],
     }
-    model_dir = save_pruned_model(ctx.model, out / MODEL_SUBDIR,
+    model_dir = save_pruned_model(ctx.model, stage.layout.pruned_model,
                                   extra={"method": cfg.prune.method, "ratio": cfg.prune.ratio})
     paths = write_report(out, payload, title=f"Pruning: {cfg.prune.method} {cfg.prune.ratio}")
-    run_dir.write_manifest(STAGE, {
-        "status": "complete", "fingerprint": digest, "model_dir": str(model_dir),
-        "report": str(paths["md"]), "method": cfg.prune.method, "ratio": cfg.prune.ratio,
-        "seconds": time.perf_counter() - start, "post_ft": schedule["post_ft"],
-        "speedup": pruned["speedup"]})
-    return payload
+    return {"model_dir": str(model_dir), "report": str(paths["md"]),
+            "method": cfg.prune.method, "ratio": cfg.prune.ratio,
+            "prune_seconds": time.perf_counter() - start, "pre_ft": schedule["pre_ft"],
+            "post_ft": schedule["post_ft"], "unpruned": base_metrics,
+            "speedup": pruned["speedup"]}
 
 
 def _retained(metrics: dict, base: dict) -> float | None:
@@ -349,3 +259,11 @@ def _retained(metrics: dict, base: dict) -> float | None:
     if hits is None or not base_hits:
         return None
     return float(hits / base_hits)
+
+
+PRUNE = register(Stage(
+    name=STAGE, reads=("prune", "eval", "train", "lora"), exclude=("train.fail_at_step",),
+    needs=lambda cfg: ("train",), run=run_prune,
+    outputs_exist=lambda layout, cfg: (layout.stage_dir(STAGE) / "prune_report.json").is_file()
+    and layout.pruned_model.is_dir(),
+    help="prune the trained model (prune.method, prune.ratio), fine-tune, report"))

@@ -1,0 +1,429 @@
+"""The feature store: per-image visual features that the extract stage writes and that
+training, evaluation and export read.
+
+The store is a directory (local path or a ``pyarrow.fs`` URI)::
+
+    metadata.json                 backbone, vision-weights fingerprint, layer, pool, shapes, ...
+    parts/part-<hash>.npy         fp16 (rows, tokens, width), memory-mappable
+    parts/part-<hash>.index.parquet   (entity, entity_id, image_index, row, reason) of the part
+    index.parquet                 all fragments merged, written when the run completes
+    manifest.json                 counts of every image (done / skipped / failed), last
+
+A part is committed when its index fragment exists (both files are written through a
+temporary name and renamed). :class:`FeatureStore` serves ``features_for(entity_ids)``
+like :class:`elmm_ray.data.image_features.FeatureBank`, reading only the rows it needs;
+metadata of a store is checked against the model that reads it. The Ray Data pipeline
+that writes a store is :mod:`elmm_ray.data.extraction`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # torch is imported where it is used: the writer tasks do without it
+    import torch
+
+from elmm_ray.layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+METADATA = "metadata.json"
+MANIFEST = "manifest.json"
+INDEX = "index.parquet"
+PARTS = "parts"
+FRAGMENT_SUFFIX = ".index.parquet"
+FEATURE_DTYPE = np.float16
+DEFAULT_PART_BYTES = 64 * 1024 * 1024
+INDEX_SCHEMA = pa.schema([
+    ("entity", pa.int32()),
+    ("entity_id", pa.string()),
+    ("image_index", pa.int16()),
+    ("row", pa.int32()),  # -1: failed, nothing stored
+    ("reason", pa.string()),  # "" when done
+])
+# The fields of metadata.json that decide whether stored features can be reused.
+FINGERPRINT_FIELDS = (
+    "version", "weights_fingerprint", "layer", "pool", "model_dtype", "tokens", "width",
+    "image_size", "max_images_per_entity", "num_entities", "pack_fingerprint",
+)
+
+
+def image_keys(entity: np.ndarray, image_index: np.ndarray) -> np.ndarray:
+    """One int64 per (entity, image_index)."""
+    return (np.asarray(entity, dtype=np.int64) << 16) | np.asarray(image_index, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------ storage
+
+
+class StoreLocation:
+    """A directory on the local disk or behind a ``pyarrow.fs`` URI (``s3://``, ``gs://``,
+    ``file://`` ...). Writes go through a temporary name and a rename."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        root = str(root)
+        self.is_local = "://" not in root
+        if self.is_local:
+            self.fs: pafs.FileSystem = pafs.LocalFileSystem()
+            self.root = str(Path(root).expanduser().resolve())
+        else:
+            self.fs, self.root = pafs.FileSystem.from_uri(root)
+            self.root = self.root.rstrip("/")
+        self.uri = root if not self.is_local else self.root
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if not self.is_local else os.path.join(
+            self.root, *parts)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def mkdir(self, rel: str = "") -> None:
+        self.fs.create_dir(self.path(rel) if rel else self.root, recursive=True)
+
+    def list(self, rel: str) -> list[str]:
+        """Base names of the files in ``rel`` (none when it does not exist)."""
+        selector = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.File)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def write_atomic(self, rel: str, write: Callable[[Any], None]) -> None:
+        """Call ``write(stream)`` on a temporary file next to ``rel``, then rename it."""
+        final = self.path(rel)
+        head, name = os.path.split(rel)
+        tmp = self.path(head, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            write(f)
+        self.fs.move(tmp, final)
+
+    def write_json(self, rel: str, data: Any) -> None:
+        text = (json.dumps(data, indent=2, default=str) + "\n").encode()
+        self.write_atomic(rel, lambda f: f.write(text))
+
+    def delete(self, rel: str) -> None:
+        try:
+            self.fs.delete_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+
+def write_npy(stream: Any, array: np.ndarray) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+              "shape": tuple(array.shape)}
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    stream.write(buf.getvalue())
+    stream.write(np.ascontiguousarray(array).tobytes())
+
+
+class _RemoteRows:
+    """Row access to an ``.npy`` part through ``read_at`` (no memory map off the local disk)."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str) -> None:
+        self.file = fs.open_input_file(path)
+        header = io.BytesIO(self.file.read_at(1024, 0))
+        version = np.lib.format.read_magic(header)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        self.shape, _, self.dtype = reader(header)
+        self.offset = header.tell()
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for i, row in enumerate(np.asarray(rows)):
+            data = self.file.read_at(self.row_bytes, self.offset + int(row) * self.row_bytes)
+            out[i] = np.frombuffer(data, dtype=self.dtype).reshape(self.shape[1:])
+        return out
+
+
+def read_fragments(loc: StoreLocation) -> tuple[pa.Table, list[str]]:
+    """The committed index fragments (with a ``part`` column) and their part names."""
+    names = [n for n in loc.list(PARTS) if n.endswith(FRAGMENT_SUFFIX) and not n.startswith(".")]
+    tables, parts = [], []
+    for name in names:
+        part = name[: -len(FRAGMENT_SUFFIX)]
+        table = pq.read_table(pa.BufferReader(loc.read_bytes(posixpath.join(PARTS, name))))
+        table = table.cast(INDEX_SCHEMA)
+        tables.append(table.append_column("part", pa.array([part] * table.num_rows, pa.string())))
+        parts.append(part)
+    if not tables:
+        empty = INDEX_SCHEMA.append(pa.field("part", pa.string())).empty_table()
+        return empty, []
+    return pa.concat_tables(tables), parts
+
+
+# ------------------------------------------------------------------------------ metadata
+
+
+def vision_weights_fingerprint(source: str, dtype: str = "float32") -> str:
+    """sha256 over the vision tower's tensors (names, dtypes, shapes, bytes).
+
+    Read straight from the checkpoint's safetensors files when there are any (no model is
+    built); otherwise the backbone is loaded and its vision tower's state_dict is hashed.
+    """
+    files = _vision_safetensors_files(source)
+    if files:
+        from safetensors import safe_open
+
+        digests = []
+        for file in files:
+            with safe_open(file, framework="pt") as st:
+                for key in st.keys():
+                    if "vision_tower." in key:
+                        name = key.split("vision_tower.", 1)[1]
+                        digests.append(_tensor_digest(name, st.get_tensor(key)))
+        if digests:
+            return "st-" + _combine(digests)
+    from elmm_ray.models.backbone import load_backbone, vision_tower_of
+
+    tower = vision_tower_of(load_backbone(source, dtype))
+    return "sd-" + _combine([_tensor_digest(k, v) for k, v in tower.state_dict().items()])
+
+
+def _tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    import torch
+
+    flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    digest = hashlib.sha256(memoryview(flat)).hexdigest()
+    return f"{name}|{str(tensor.dtype)}|{tuple(tensor.shape)}|{digest}"
+
+
+def _combine(digests: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:32]
+
+
+def _vision_safetensors_files(source: str) -> list[str]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return sorted({str(path / f) for k, f in weight_map.items() if "vision_tower." in k})
+        return sorted(str(p) for p in path.glob("*.safetensors"))
+    try:  # a hub id: fetch (or find in the cache) only the files holding the vision tower
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = hf_hub_download(source, "model.safetensors.index.json")
+        except Exception:  # noqa: BLE001 - single-file checkpoint (or no safetensors)
+            return [hf_hub_download(source, "model.safetensors")]
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if "vision_tower." in k})
+        return [hf_hub_download(source, f) for f in files]
+    except Exception as err:  # noqa: BLE001 - fall back to loading the model
+        log.info("no safetensors for %s (%s); hashing the loaded vision tower", source, err)
+        return []
+
+
+def vision_geometry(source: str, pool: int, layer: int) -> dict:
+    """``image_size``, ``tokens`` and ``width`` of the features of backbone ``source``."""
+    from transformers import AutoConfig
+
+    from elmm_ray.models.backbone import num_image_tokens
+
+    vision = AutoConfig.from_pretrained(source).vision_config
+    layers = vision.num_hidden_layers
+    if not -(layers + 1) <= layer <= layers:
+        raise ValueError(f"vision_feature_layer {layer} is outside the {layers}-layer tower "
+                         f"(hidden states -{layers + 1}..{layers})")
+    return {"image_size": int(vision.image_size),
+            "tokens": num_image_tokens(vision.image_size, vision.patch_size, pool),
+            "width": int(vision.hidden_size)}
+
+
+def store_fingerprint(metadata: dict) -> str:
+    payload = json.dumps({k: metadata.get(k) for k in FINGERPRINT_FIELDS}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def expected_metadata(cfg: Any, source: str, *, check_weights: bool = True) -> dict:
+    """What a model of ``cfg`` over backbone ``source`` needs from a feature store."""
+    expect = {"layer": cfg.model.vision_feature_layer, "pool": cfg.model.feature_pool,
+              "max_images_per_entity": cfg.images.max_images_per_entity}
+    geometry = vision_geometry(source, cfg.model.feature_pool, cfg.model.vision_feature_layer)
+    expect.update(tokens=geometry["tokens"], width=geometry["width"])
+    if check_weights:
+        expect["weights_fingerprint"] = vision_weights_fingerprint(source, cfg.model.dtype)
+    return expect
+
+
+def open_feature_store(cfg: Any, source: str, path: str | None = None) -> FeatureStore:
+    """The complete feature store of ``cfg`` (default: the run layout's location), checked
+    against the model of ``cfg`` over backbone ``source`` (see
+    :func:`elmm_ray.train.context.backbone_source`)."""
+    location = path or RunLayout.of(cfg).feature_store
+    return FeatureStore.open(location, expect=expected_metadata(cfg, source))
+
+
+# ------------------------------------------------------------------------------ the store
+
+
+class FeatureStore:
+    """Random access to the stored features by entity id.
+
+    ``features_for`` returns what :meth:`FeatureBank.features_for` returns: float32
+    ``(B, max_images, tokens, width)`` and a bool mask ``(B, max_images)``. Local parts are
+    memory-mapped; a pickled store carries only its path and reopens on first use.
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata: dict, *,
+                 allow_incomplete: bool = False) -> None:
+        self.path = str(path)
+        self.metadata = metadata
+        self.allow_incomplete = allow_incomplete
+        self._index: dict | None = None
+        self._parts: dict[int, Any] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, expect: dict | None = None,
+             allow_incomplete: bool = False) -> FeatureStore:
+        """Open the store at ``path``; refuse one whose metadata differs from ``expect``
+        (a ``ValueError`` naming each mismatching field) or that is not complete."""
+        loc = StoreLocation(path)
+        if not loc.exists(METADATA):
+            raise FileNotFoundError(f"no feature store at {path} (missing {METADATA}); "
+                                    "run `elmm-ray extract` first")
+        metadata = loc.read_json(METADATA)
+        if not allow_incomplete:
+            manifest = loc.read_json(MANIFEST) if loc.exists(MANIFEST) else {}
+            if manifest.get("status") != "complete" or manifest.get(
+                    "fingerprint") != metadata.get("fingerprint"):
+                raise RuntimeError(f"the feature store at {path} is incomplete; re-run "
+                                   "`elmm-ray extract` (it resumes)")
+        check_metadata(metadata, expect or {}, str(path))
+        return cls(path, metadata, allow_incomplete=allow_incomplete)
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "metadata": self.metadata,
+                "allow_incomplete": self.allow_incomplete}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], state["metadata"],
+                      allow_incomplete=state["allow_incomplete"])
+
+    @property
+    def num_entities(self) -> int:
+        return int(self.metadata["num_entities"])
+
+    @property
+    def max_images(self) -> int:
+        return max(int(self.metadata["max_images_per_entity"]), 1)
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        return int(self.metadata["tokens"]), int(self.metadata["width"])
+
+    @property
+    def num_images(self) -> int:
+        return int((self._load_index()["slot_part"] >= 0).sum())
+
+    def index_table(self) -> pa.Table:
+        """Every stored row: entity, entity_id, image_index, part, row (failed ones left out)."""
+        return self._load_index()["table"]
+
+    def _load_index(self) -> dict:
+        if self._index is not None:
+            return self._index
+        loc = StoreLocation(self.path)
+        if loc.exists(INDEX):
+            table = pq.read_table(pa.BufferReader(loc.read_bytes(INDEX)))
+        elif self.allow_incomplete:
+            table, _ = read_fragments(loc)
+        else:
+            raise FileNotFoundError(f"{self.path} has no {INDEX}")
+        table = table.filter(pc.greater_equal(table["row"], 0))
+        table = table.sort_by([("entity", "ascending"), ("image_index", "ascending")])
+        parts = sorted(set(table["part"].to_pylist()))
+        part_id = {p: i for i, p in enumerate(parts)}
+        entity = table["entity"].to_numpy().astype(np.int64)
+        part = np.array([part_id[p] for p in table["part"].to_pylist()], dtype=np.int32)
+        row = table["row"].to_numpy().astype(np.int32)
+        slot_part = np.full((self.num_entities, self.max_images), -1, dtype=np.int32)
+        slot_row = np.zeros((self.num_entities, self.max_images), dtype=np.int32)
+        if len(entity):
+            if entity.max() >= self.num_entities:
+                raise ValueError(f"{self.path}: index names entity {entity.max()} but the store "
+                                 f"has {self.num_entities} entities")
+            starts = np.r_[0, np.flatnonzero(np.diff(entity)) + 1]
+            slot = np.arange(len(entity)) - np.repeat(starts, np.diff(np.r_[starts, len(entity)]))
+            keep = slot < self.max_images
+            slot_part[entity[keep], slot[keep]] = part[keep]
+            slot_row[entity[keep], slot[keep]] = row[keep]
+        self._index = {"table": table, "parts": parts, "slot_part": slot_part,
+                       "slot_row": slot_row}
+        return self._index
+
+    def _part(self, pid: int) -> Any:
+        array = self._parts.get(pid)
+        if array is None:
+            loc = StoreLocation(self.path)
+            rel = posixpath.join(PARTS, self._load_index()["parts"][pid] + ".npy")
+            if loc.is_local:
+                array = np.load(loc.path(rel), mmap_mode="r")
+            else:
+                array = _RemoteRows(loc.fs, loc.path(rel))
+            self._parts[pid] = array
+        return array
+
+    def features_for(self, entity_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded features (float32) and image mask of a batch of entities."""
+        import torch
+
+        ids = torch.as_tensor(entity_ids, dtype=torch.long).cpu().numpy().reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_entities):
+            raise IndexError(f"entity ids must lie in [0, {self.num_entities})")
+        index = self._load_index()
+        parts, rows = index["slot_part"][ids], index["slot_row"][ids]
+        tokens, width = self.feature_shape
+        out = np.zeros((len(ids), self.max_images, tokens, width), dtype=np.float32)
+        mask = parts >= 0
+        for pid in np.unique(parts[mask]):
+            where = parts == pid
+            wanted = rows[where]
+            order = np.argsort(wanted, kind="stable")  # sorted reads from the part
+            values = np.empty((len(wanted), tokens, width), dtype=np.float32)
+            values[order] = self._part(int(pid))[wanted[order]]
+            out[where] = values
+        return torch.from_numpy(out), torch.from_numpy(mask)
+
+    def to_feature_bank(self):
+        """Everything in memory as a :class:`FeatureBank` (small stores only)."""
+        import torch
+
+        from elmm_ray.data.image_features import FeatureBank
+
+        feats, mask = self.features_for(torch.arange(self.num_entities))
+        return FeatureBank(feats.half(), mask)
+
+
+def check_metadata(metadata: dict, expect: dict, where: str = "the feature store") -> None:
+    """Raise ``ValueError`` listing every field of ``expect`` that ``metadata`` contradicts."""
+    problems = [f"{key}: store has {metadata.get(key)!r}, the model config wants {value!r}"
+                for key, value in expect.items() if metadata.get(key) != value]
+    if problems:
+        raise ValueError(f"feature store {where} does not match the model config (re-run "
+                         "`elmm-ray extract` for this config):\n  " + "\n  ".join(problems))

@@ -1,0 +1,197 @@
+"""The run layout: every path of a run directory and the one fingerprint scheme.
+
+A run directory holds the resolved ``config.yaml``, one manifest per stage under
+``manifests/`` and each stage's outputs. :class:`RunLayout` is the only place that knows
+where anything lives (dataset, image shards, feature store, tokenizer, backbone, entity
+init, train, eval, prune, export, tune); every stage, worker and command asks it.
+
+A stage is *complete* when its manifest says ``complete`` with the fingerprint the stage
+would compute now: a hash of the config values the stage reads plus the fingerprints of
+the stages it consumes (:func:`fingerprint`). Every skip/resume decision compares these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from elmm_ray.config import Config, config_to_dict, dump_config
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON through a temporary file + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _absolute(path: str | None) -> str | None:
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with every local path made absolute (relative to this process's working
+    directory), so that Ray workers, whose working directory differs, see the same files."""
+    return dataclasses.replace(
+        cfg, run_dir=_absolute(cfg.run_dir),
+        dataset=dataclasses.replace(cfg.dataset, path=_absolute(cfg.dataset.path),
+                                    image_root=_absolute(cfg.dataset.image_root)),
+        images=dataclasses.replace(cfg.images, shard_dir=_absolute(cfg.images.shard_dir),
+                                   feature_store=_absolute(cfg.images.feature_store)),
+    )
+
+
+def config_values(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
+    """The values of dotted ``keys`` (sections or single keys, e.g. ``model`` or
+    ``train.seed``) as plain data."""
+    data = config_to_dict(cfg)
+    out = {}
+    for key in keys:
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"fingerprint key `{key}` is not a config key")
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def fingerprint(cfg: Config, keys: Iterable[str], inputs: Mapping[str, str] | None = None,
+                exclude: Iterable[str] = ()) -> str:
+    """Hash of the config values at ``keys`` (minus the dotted ``exclude`` keys, e.g. test
+    hooks that do not change a result) and the fingerprints of the stage's ``inputs``."""
+    values = config_values(cfg, keys)
+    for key in exclude:
+        section, _, leaf = key.rpartition(".")
+        if section in values and isinstance(values[section], dict):
+            values[section] = {k: v for k, v in values[section].items() if k != leaf}
+    blob = json.dumps({"config": values, "inputs": dict(sorted((inputs or {}).items()))},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class RunLayout:
+    """Paths and manifests of one run directory (local paths; the feature store may be a
+    cloud URI)."""
+
+    def __init__(self, root: str | Path, *, dataset_dir: str | None = None,
+                 shard_dir: str | None = None, feature_store: str | None = None) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self._dataset_dir = dataset_dir
+        self._shard_dir = shard_dir
+        self._feature_store = feature_store
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunLayout:
+        """The layout of ``cfg``: its run directory plus the locations it overrides."""
+        return cls(cfg.run_dir, dataset_dir=cfg.dataset.path or None,
+                   shard_dir=cfg.images.shard_dir or None,
+                   feature_store=cfg.images.feature_store or None)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    # --- inputs shared by every stage ------------------------------------------------------
+    @property
+    def dataset_dir(self) -> Path:
+        """``dataset.path``, or ``<run_dir>/data`` (where the synthetic set is generated)."""
+        if self._dataset_dir:
+            return Path(self._dataset_dir).expanduser().resolve()
+        return self.path("data")
+
+    @property
+    def shard_dir(self) -> Path:
+        if self._shard_dir:
+            return Path(self._shard_dir).expanduser().resolve()
+        return self.path("shards")
+
+    @property
+    def feature_store(self) -> str:
+        """``images.feature_store`` (a local path or a cloud URI), else ``<run_dir>/features``."""
+        configured = self._feature_store
+        if configured:
+            return configured if "://" in configured else str(
+                Path(configured).expanduser().resolve())
+        return str(self.path("features"))
+
+    @property
+    def config_file(self) -> Path:
+        return self.path("config.yaml")
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path("tokenizer")
+
+    @property
+    def backbone(self) -> Path:
+        """Where the tiny backbone's random-init weights are saved once for every process."""
+        return self.path("backbone")
+
+    @property
+    def entity_init(self) -> Path:
+        return self.path("entity_init.safetensors")
+
+    # --- stage outputs -----------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.path(stage)
+
+    @property
+    def trained_model(self) -> Path:
+        return self.path("train", "model")
+
+    @property
+    def ray_train_storage(self) -> Path:
+        """Ray Train's ``storage_path`` (checkpoints of every Ray Train run of this run)."""
+        return self.path("ray_train")
+
+    def metrics_file(self, split: str) -> Path:
+        return self.path("eval", f"metrics_{split}.json")
+
+    @property
+    def pruned_model(self) -> Path:
+        return self.path("prune", "model")
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path("export")
+
+    @property
+    def tune_dir(self) -> Path:
+        return self.path("tune")
+
+    # --- config and manifests ----------------------------------------------------------------
+    def write_config(self, cfg: Config) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return dump_config(cfg, self.config_file)
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.path("manifests", f"{stage}.json")
+
+    def read_manifest(self, stage: str) -> dict | None:
+        p = self.manifest_path(stage)
+        return read_json(p) if p.is_file() else None
+
+    def write_manifest(self, stage: str, data: dict) -> Path:
+        return write_json_atomic(self.manifest_path(stage), {"stage": stage, **data})
+
+    def is_complete(self, stage: str, digest: str) -> bool:
+        m = self.read_manifest(stage)
+        return bool(m and m.get("status") == "complete" and m.get("fingerprint") == digest)

@@ -1,0 +1,154 @@
+"""Stages as units: each declares its name, the config keys it reads, the stages it
+consumes and its run function; :func:`run_stage` runs a stage and, first, every upstream
+stage it needs, skipping the complete ones.
+
+Skip decisions use one scheme (:func:`elmm_ray.layout.fingerprint`): a stage is complete
+when its manifest says ``complete`` with the fingerprint of the config values it reads and
+of its inputs' fingerprints, and its outputs exist. A changed key re-runs that stage and
+everything downstream of it; nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from elmm_ray.config import Config
+from elmm_ray.data.dataset import load_dataset
+from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.layout import RunLayout, absolute_paths, fingerprint
+from elmm_ray.models.build import reads_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    """What a stage's run function gets: the config, the layout, the KG (loaded once and
+    shared by the stages of one command) and the results of the stages already run."""
+
+    cfg: Config
+    show_progress: bool = True
+    results: dict[str, StageResult] = field(default_factory=dict)
+    _kg: KnowledgeGraph | None = None
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout.of(self.cfg)
+
+    @property
+    def kg(self) -> KnowledgeGraph:
+        if self._kg is None:
+            self._kg = load_dataset(self.cfg)
+        return self._kg
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    manifest: dict
+    skipped: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A unit of the pipeline.
+
+    ``reads``: dotted config keys or sections whose values its outputs depend on
+    (``exclude``: keys inside them that do not, such as test hooks); ``needs(cfg)``: the
+    upstream stages whose outputs it consumes; ``run(ctx)``: does the work and returns the
+    manifest payload; ``outputs_exist(layout, cfg)``: whether its outputs are on disk."""
+
+    name: str
+    reads: tuple[str, ...]
+    needs: Callable[[Config], tuple[str, ...]]
+    run: Callable[[StageContext], dict]
+    outputs_exist: Callable[[RunLayout, Config], bool]
+    exclude: tuple[str, ...] = ()
+    help: str = ""
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    STAGES[stage.name] = stage
+    return stage
+
+
+def data_stages(cfg: Config) -> tuple[str, ...]:
+    """The stage that makes the dataset folder: ``synth`` for the synthetic KG, else none."""
+    return ("synth",) if cfg.dataset.name == "synthetic" else ()
+
+
+def image_stage(cfg: Config) -> tuple[str, ...]:
+    """What a model of ``cfg`` reads its images from: the feature store (``extract``), or
+    nothing beyond the dataset when it reads no images."""
+    if reads_images(cfg) and cfg.images.max_images_per_entity > 0:
+        return ("extract",)
+    return data_stages(cfg)
+
+
+def plan(name: str, cfg: Config) -> list[str]:
+    """``name`` and every stage upstream of it, in the order they run."""
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    order: list[str] = []
+
+    def visit(stage: str, path: tuple[str, ...]) -> None:
+        if stage in path:
+            raise ValueError(f"stage cycle: {' -> '.join((*path, stage))}")
+        if stage in order:
+            return
+        for upstream in STAGES[stage].needs(cfg):
+            visit(upstream, (*path, stage))
+        order.append(stage)
+
+    visit(name, ())
+    return order
+
+
+def stage_fingerprint(name: str, cfg: Config, digests: dict[str, str]) -> str:
+    stage = STAGES[name]
+    inputs = {n: digests[n] for n in stage.needs(cfg)}
+    return fingerprint(cfg, stage.reads, inputs, stage.exclude)
+
+
+def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
+               kg: KnowledgeGraph | None = None) -> dict[str, StageResult]:
+    """Run ``names`` and everything upstream of them, each at most once, skipping complete
+    stages. The resolved config is written into the run directory first."""
+    cfg = absolute_paths(cfg)
+    layout = RunLayout.of(cfg)
+    layout.write_config(cfg)
+    ctx = StageContext(cfg, show_progress, _kg=kg)
+    digests: dict[str, str] = {}
+    order: list[str] = []
+    for name in names:
+        order += [s for s in plan(name, cfg) if s not in order]
+    for name in order:
+        stage = STAGES[name]
+        digest = stage_fingerprint(name, cfg, digests)
+        digests[name] = digest
+        if layout.is_complete(name, digest) and stage.outputs_exist(layout, cfg):
+            log.info("stage %s: complete (fingerprint %s); skipped", name, digest)
+            ctx.results[name] = StageResult(name, layout.read_manifest(name), True, 0.0)
+            continue
+        start = time.perf_counter()
+        payload = stage.run(ctx)
+        seconds = time.perf_counter() - start
+        manifest = {"status": "complete", "fingerprint": digest,
+                    "inputs": {n: digests[n] for n in stage.needs(cfg)},
+                    "seconds": seconds, **payload}
+        layout.write_manifest(name, manifest)
+        ctx.results[name] = StageResult(name, {"stage": name, **manifest}, False, seconds)
+    return ctx.results
+
+
+def run_stage(name: str, cfg: Config, *, show_progress: bool = True,
+              kg: KnowledgeGraph | None = None) -> StageResult:
+    """Run stage ``name`` (after whatever it needs) and return its result."""
+    return run_stages([name], cfg, show_progress=show_progress, kg=kg)[name]

@@ -1,0 +1,141 @@
+"""Feature stages: ``extract`` (the frozen vision tower over every packed image, into the
+feature store) and ``entity_init`` (every entity's own encoding by the untrained, seeded
+model: the initial entity table), both on Ray Data actor pools."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from elmm_ray.config import Config, config_from_dict, config_to_dict
+from elmm_ray.data.extraction import extract_features
+from elmm_ray.data.feature_store import MANIFEST as STORE_MANIFEST
+from elmm_ray.data.feature_store import FeatureStore, StoreLocation, expected_metadata
+from elmm_ray.layout import RunLayout
+from elmm_ray.ray_session import init_ray
+from elmm_ray.stages.base import Stage, StageContext, image_stage, register
+from elmm_ray.train.context import backbone_source, build_context, get_tokenizer
+
+
+def run_extract(ctx: StageContext) -> dict:
+    cfg, layout = ctx.cfg, ctx.layout
+    source = backbone_source(cfg, ctx.kg, layout)
+    init_ray(cfg.ray)
+    result = extract_features(
+        layout.shard_dir, layout.feature_store, backbone=source,
+        max_images=cfg.images.max_images_per_entity, layer=cfg.model.vision_feature_layer,
+        pool=cfg.model.feature_pool, dtype=cfg.model.dtype, actors=cfg.ray.data_actors,
+        actor_cpus=cfg.ray.data_actor_cpus, actor_gpus=cfg.ray.data_actor_gpus,
+        batch_size=cfg.ray.data_batch_size, decode_cpus=cfg.images.num_cpus_per_task,
+        show_progress=ctx.show_progress)
+    m = result.manifest
+    return {"store": result.store_dir, "store_fingerprint": m["fingerprint"],
+            "backbone": m["backbone"], "counts": m["counts"], "parts": m["parts"],
+            "images_this_run": m["images_this_run"], "store_reused": result.skipped,
+            "skipped_images": m["skipped_images"], "failed_images": m["failed_images"],
+            "summary_rows": result.summary_rows()}
+
+
+def _extract_done(layout: RunLayout, cfg: Config) -> bool:
+    return StoreLocation(layout.feature_store).exists(STORE_MANIFEST)
+
+
+class _EntityEncoder:
+    """Builds the (untrained, seeded) ELMM once and encodes batches of entity ids."""
+
+    def __init__(self, config: dict, kg: Any, store: str | None, expect: dict | None,
+                 use_gpu: bool, threads: int) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        if threads > 0:
+            torch.set_num_threads(threads)
+        cfg = config_from_dict(config)
+        features = FeatureStore.open(store, expect=expect) if store else None
+        ctx = build_context(cfg, kg, features=features)
+        self.features = ctx.features
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = ctx.model.to(self.device).eval()
+        self.collator = ctx.collator
+
+    def __call__(self, batch: dict) -> dict:
+        ids = torch.from_numpy(np.array(batch["id"], dtype=np.int64))
+        feats, mask = self.features.features_for(ids)
+        inputs = self.collator.entity_batch(ids, feats, mask)
+        with torch.no_grad():
+            vectors = self.model.encode_entities(
+                {k: v.to(self.device) for k, v in inputs.items()})
+        return {"entity": ids.numpy(), "vector": vectors.float().cpu().numpy()}
+
+
+def encode_entities_ray(cfg: Config, kg: Any, *, store: str | None, expect: dict | None,
+                        actor_threads: int = 0, show_progress: bool = True) -> torch.Tensor:
+    """Every entity's own encoding ``(E, embed_dim)`` float32, rows in entity-id order,
+    computed by a Ray Data actor pool (each actor builds the model once)."""
+    import ray
+
+    num = kg.num_entities
+    batch_size = cfg.ray.data_batch_size
+    blocks = max(1, min(-(-num // batch_size), 64))
+    ds = ray.data.range(num, override_num_blocks=blocks)
+    ds.context.enable_progress_bars = show_progress
+    ds = ds.map_batches(
+        _EntityEncoder, batch_size=batch_size, batch_format="numpy",
+        fn_constructor_kwargs={
+            "config": config_to_dict(cfg), "kg": kg, "store": store, "expect": expect,
+            "use_gpu": cfg.ray.data_actor_gpus > 0, "threads": actor_threads},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.ray.data_actors),
+        num_cpus=cfg.ray.data_actor_cpus, num_gpus=cfg.ray.data_actor_gpus)
+    table: torch.Tensor | None = None
+    seen = np.zeros(num, dtype=np.int64)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        entity = np.array(batch["entity"], dtype=np.int64)
+        vectors = torch.from_numpy(np.array(batch["vector"], dtype=np.float32))
+        if table is None:
+            table = torch.zeros(num, vectors.shape[1], dtype=torch.float32)
+        table[torch.from_numpy(entity)] = vectors
+        np.add.at(seen, entity, 1)
+    if table is None or not (seen == 1).all():
+        raise RuntimeError(f"entity encoding: {int((seen == 0).sum())} entities missing, "
+                           f"{int((seen > 1).sum())} encoded more than once")
+    return table
+
+
+def run_entity_init(ctx: StageContext) -> dict:
+    cfg, layout, kg = ctx.cfg, ctx.layout, ctx.kg
+    # Tokenizer and backbone are written once here, before any actor looks for them.
+    get_tokenizer(cfg, kg, layout)
+    source = backbone_source(cfg, kg, layout)
+    store = expect = None
+    if "extract" in image_stage(cfg):
+        store, expect = layout.feature_store, expected_metadata(cfg, source)
+        FeatureStore.open(store, expect=expect)  # refuse a mismatching store before Ray
+    init_ray(cfg.ray)
+    table = encode_entities_ray(cfg, kg, store=store, expect=expect,
+                                show_progress=ctx.show_progress)
+    out = layout.entity_init
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({"entity_table": table.contiguous()}, str(tmp))
+    os.replace(tmp, out)
+    return {"path": str(out), "entities": int(table.shape[0]), "embed_dim": int(table.shape[1]),
+            "store": store}
+
+
+EXTRACT = register(Stage(
+    name="extract",
+    reads=("seed", "model", "images.max_images_per_entity", "images.feature_store"),
+    needs=lambda cfg: ("pack",), run=run_extract, outputs_exist=_extract_done,
+    help="image features of every packed image into the feature store (Ray Data)"))
+
+ENTITY_INIT = register(Stage(
+    name="entity_init",
+    reads=("seed", "dataset", "model", "mvtc", "lora", "train.seed",
+           "images.max_images_per_entity"),
+    needs=image_stage, run=run_entity_init,
+    outputs_exist=lambda layout, cfg: layout.entity_init.is_file(),
+    help="every entity's text + MVTC tokens through the untrained model: the initial "
+         "entity table (Ray Data)"))

@@ -1,0 +1,48 @@
+"""Recorded loss curve of the first steps of the tiny local run (golden values).
+
+The values were recorded with the training code as it stood before the one-loop refactor
+(``train/local.py``) and must still come out of :func:`elmm_ray.train.loop.train_local`:
+same model init, data order, negatives and LoRA dropout draws. A change here means the
+training computation changed; re-record only when that is the intent, and say why.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from elmm_ray.config import load_config
+from elmm_ray.data.dataset import load_dataset
+from elmm_ray.data.shards import pack_images
+from elmm_ray.layout import RunLayout, absolute_paths
+from elmm_ray.stages import run_stage
+from elmm_ray.train.loop import train_local
+
+pytestmark = pytest.mark.timeout(300)
+
+TINY = [
+    "dataset.synth.num_entities=60", "dataset.synth.max_images=2",
+    "dataset.synth.image_size=32", "images.max_images_per_entity=2",
+    "model.image_size=32", "model.patch_size=4", "model.vision_hidden=32",
+    "model.vision_heads=2", "model.llm_hidden=64", "model.llm_layers=2",
+    "model.llm_intermediate=128", "model.vocab_size=300",
+    "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
+    "train.backend=local", "train.epochs=6", "train.batch_size=16",
+    "train.learning_rate=0.003", "train.num_negatives=8", "eval.batch_size=64",
+    "train.max_steps=12",
+]
+
+GOLDEN_LOSSES = [
+    4.688877105712891, 4.617593765258789, 3.4045748710632324, 3.269127607345581,
+    3.4149169921875, 3.053920269012451, 3.1843206882476807, 3.024369716644287,
+    2.877490997314453, 3.11568546295166, 3.3440299034118652, 2.981666088104248,
+]
+
+
+def test_first_steps_match_the_recorded_loss_curve(tmp_path):
+    cfg = absolute_paths(load_config("configs/demo.yaml", [f"run_dir={tmp_path}", *TINY]))
+    run_stage("synth", cfg, show_progress=False)
+    kg = load_dataset(cfg)
+    pack_images(kg, RunLayout.of(cfg).shard_dir, use_ray=False, show_progress=False)
+    summary = train_local(cfg, kg, show_progress=False)
+    assert summary["steps"] == len(GOLDEN_LOSSES)
+    assert summary["losses"] == pytest.approx(GOLDEN_LOSSES, abs=1e-5)
