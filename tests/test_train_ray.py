@@ -9,6 +9,7 @@ process with 2B queries, and the final parameters must agree to float tolerance.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -165,3 +166,29 @@ def test_worker_death_resumes_exactly_from_the_last_checkpoint(tmp_path_factory,
     again = train_ray(cfg, load_dataset(cfg))
     assert again["steps"] == summary["steps"]
     _assert_close(_trainable(cfg), _trainable(reference_cfg), atol=1e-5)
+
+
+def test_pruning_finetunes_through_the_same_loop_on_ray_workers(ray_session, zero2_run):
+    """train.backend=ray: each pruning round's fine-tuning runs on Ray Train workers (the
+    pruned model is saved, the workers load it and train it with DeepSpeed, the driver
+    loads the result back), and the saved pruned model scores what the report says."""
+    from elmm_ray.stages.base import StageContext
+    from elmm_ray.stages.prune import run_prune
+    from elmm_ray.train.context import load_pruned_context
+
+    trained_cfg, _ = zero2_run
+    cfg = dataclasses.replace(trained_cfg, prune=dataclasses.replace(
+        trained_cfg.prune, method="magnitude", ratio=0.3, steps=1, finetune_steps=4,
+        calib_samples=8))
+    payload = run_prune(StageContext(cfg, show_progress=False))
+    layout = RunLayout.of(cfg)
+    finetuned = layout.path("prune", "finetune_1")
+    assert (finetuned / "start" / "backbone" / "pruning.json").is_file()  # what workers load
+    assert (finetuned / "model" / "trainable.json").is_file()  # what rank 0 wrote back
+    assert (layout.ray_train_storage / "prune_finetune_1").is_dir()  # a Ray Train run
+    history = [json.loads(x) for x in (finetuned / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [4] and history[0]["workers"] == 2
+    kg = load_dataset(cfg)
+    ctx = load_pruned_context(cfg, kg)
+    metrics = evaluate(cfg, kg, ctx)
+    assert metrics["overall"]["mrr"] == pytest.approx(payload["post_ft"]["mrr"], abs=1e-6)
