@@ -278,7 +278,7 @@ def train_fingerprint(cfg: Config) -> str:
 
     parts = {name: getattr(cfg, name) for name in
              ("dataset", "images", "model", "mvtc", "lora", "train", "deepspeed")}
-    parts["train"] = dataclasses.replace(cfg.train, fail_at_step=0, max_failures=0)
+    parts["train"] = dataclasses.replace(cfg.train, fail_at_step=None, max_failures=0)
     return config_hash({"seed": cfg.seed, "run_dir": str(Path(cfg.run_dir).resolve()),
                         **{k: dataclasses.asdict(v) for k, v in parts.items()}})
 

@@ -1,6 +1,7 @@
 """The single-process trainer on a small synthetic KG: loss goes down, ranking beats chance,
 and `elmm-ray eval` on the saved run reproduces the trainer's figures."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -33,7 +34,7 @@ def trained(tmp_path_factory):
     pipeline.run_synth(cfg)
     kg = pipeline.load_dataset(cfg)
     pack_images(kg, pipeline.shard_dir(cfg), use_ray=False)
-    cfg.run_dir = str(run_dir)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     pipeline.RunDir(run_dir).write_config(cfg)
     summary = train_local(cfg, kg, pipeline.shard_dir(cfg), show_progress=False)
     return cfg, kg, summary

@@ -8,6 +8,7 @@ process with 2B queries, and the final parameters must agree to float tolerance.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def test_worker_death_resumes_exactly_from_the_last_checkpoint(tmp_path_factory,
     # A run_dir relative to the driver's working directory (workers run elsewhere).
     run_dir = Path(cfg.run_dir)
     monkeypatch.chdir(run_dir.parent)
-    cfg.run_dir = run_dir.name
+    cfg = dataclasses.replace(cfg, run_dir=run_dir.name)
     summary = train_ray(cfg, pipeline.load_dataset(cfg))
     assert RunDir(cfg.run_dir).path("train", ".fault_injected").is_file()  # it did die
     # The restarted workers resumed from step 6: parameters, optimizer state, data
