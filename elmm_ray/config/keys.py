@@ -45,7 +45,8 @@ class KeyInfo:
         """The type in words, for "has the wrong type; expected ..."."""
         word = _TYPE_WORDS.get(self.kind, self.kind.__name__)
         if self.item:
-            word = f"a list of {self.item.__name__}s"
+            plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+            word = f"a list of {plural.get(self.item, self.item.__name__)}"
         return f"{word} or null" if self.optional else word
 
     @property

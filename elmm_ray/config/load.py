@@ -122,6 +122,9 @@ def _problem(err: dict) -> list[str]:
     info = key_info(key)
     if kind == RULE_ERROR:
         return list(ctx["problems"])
+    if kind == "invalid_key":
+        where = ".".join(str(p) for p in loc[:-1])
+        return [f"key {loc[-1]!r}{f' in `{where}`' if where else ''} is not a name"]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
         prefix = ".".join(str(p) for p in loc[:-1])
         cls = section_class(prefix)
