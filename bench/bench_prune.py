@@ -112,7 +112,7 @@ def bench_config(args: argparse.Namespace):
         f"model.llm_heads={args.heads}", f"model.llm_kv_heads={args.kv_heads}",
         f"model.llm_intermediate={args.intermediate}",
         f"train.max_steps={args.train_steps}", "train.epochs=100", "train.batch_size=32",
-        "train.eval_every=0", "train.val_max_queries=200", "train.warmup_steps=20",
+        "train.eval_every=null", "train.val_max_queries=200", "train.warmup_steps=20",
         "eval.split=test", f"prune.finetune_steps={args.finetune_steps}",
         f"prune.steps={args.prune_steps}", f"prune.calib_samples={args.calib_samples}",
         "prune.knowledge_weight=0.5", "prune.min_neurons_per_layer=8",

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from elmm_ray.config import Config, ConfigError, load_config
+from elmm_ray.config import Config, ConfigError, format_keys, json_schema, load_config
 from elmm_ray.data.kg import DatasetError, load_kg
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
 from elmm_ray.tables import format_table
@@ -28,6 +28,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     print(f"{args.config}: OK (run_dir={cfg.run_dir}, dataset={cfg.dataset.name}, "
           f"backbone={cfg.model.backbone}, train.backend={cfg.train.backend})")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "keys":
+        print(format_keys(args.section))
+        return 0
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"JSON Schema of the config written to {args.out}")
+    else:
+        print(text, end="")
     return 0
 
 
@@ -301,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
     p = with_config("pack", "pack images into Parquet shards: CONFIG, or DATASET_DIR OUT_DIR")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("config", help="every config key (type, default, allowed, help) or the "
+                       "JSON Schema of the config")
+    p.add_argument("action", choices=["keys", "schema"])
+    p.add_argument("section", nargs="?", default=None,
+                   help="keys: a section (train, dataset.synth) or one key; all when omitted")
+    p.add_argument("--out", default=None, help="schema: write to this file instead of stdout")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("stats", help="counts of a dataset folder")
     p.add_argument("dataset_dir")

@@ -35,9 +35,7 @@ TINY = [
     "dataset.synth.num_entities=40", "dataset.synth.max_images=4",
     "dataset.synth.image_size=32", "dataset.synth.inject_faults=true",
     "dataset.synth.no_image_fraction=0.1", f"images.max_images_per_entity={MAX_IMAGES}",
-    "model.image_size=32", "model.patch_size=16", "model.vision_hidden=32",
-    "model.vision_heads=2", "model.llm_hidden=64", "model.llm_layers=2",
-    "model.llm_intermediate=128", "model.vocab_size=300",
+    "model.preset=tiny-test", "model.patch_size=16",
     "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
     "ray.data_actors=2", "ray.data_batch_size=8", "ray.num_cpus=2",
 ]

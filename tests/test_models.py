@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -74,10 +75,9 @@ def tiny_config(**model_overrides) -> Config:
         vocab_size=200,
         max_text_tokens=12,
     )
-    for key, value in {**sizes, **model_overrides}.items():
-        setattr(cfg.model, key, value)
-    cfg.mvtc.n_visual, cfg.mvtc.n_text, cfg.mvtc.heads = 4, 4, 4
-    return cfg
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, **{**sizes, **model_overrides}),
+        mvtc=dataclasses.replace(cfg.mvtc, n_visual=4, n_text=4, heads=4))
 
 
 @pytest.fixture(scope="module")
@@ -510,7 +510,7 @@ def test_entity_image_adapter_starts_as_the_table_and_handles_missing_images(tok
 
 def test_no_image_ablation_has_no_image_pathway(tokenizer):
     cfg = tiny_config()
-    cfg.mvtc.n_visual = cfg.mvtc.n_text = 0
+    cfg = dataclasses.replace(cfg, mvtc=dataclasses.replace(cfg.mvtc, n_visual=0, n_text=0))
     model = build_elmm(cfg, num_entities=len(ENTITY_TEXTS), tokenizer=tokenizer)
     assert model.entity_table.visual is None
     cfg = tiny_config(entity_image_adapter=False)

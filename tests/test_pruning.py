@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -82,10 +83,9 @@ def tiny_config(**model_overrides) -> Config:
     sizes = dict(vision_hidden=32, vision_layers=1, vision_heads=4, image_size=32, patch_size=16,
                  llm_hidden=32, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=48,
                  vocab_size=200, max_text_tokens=12)
-    for key, value in {**sizes, **model_overrides}.items():
-        setattr(cfg.model, key, value)
-    cfg.mvtc.n_visual, cfg.mvtc.n_text, cfg.mvtc.heads = 2, 2, 4
-    return cfg
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, **{**sizes, **model_overrides}),
+        mvtc=dataclasses.replace(cfg.mvtc, n_visual=2, n_text=2, heads=4))
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,7 @@ def collator(tokenizer):
 
 
 def make_model(tokenizer, seed: int = 0, **overrides):
-    cfg = tiny_config(**overrides)
-    cfg.seed = seed
+    cfg = dataclasses.replace(tiny_config(**overrides), seed=seed)
     return build_elmm(cfg, num_entities=len(ENTITY_TEXTS), tokenizer=tokenizer).eval()
 
 

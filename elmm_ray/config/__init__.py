@@ -1,14 +1,18 @@
-"""Typed configuration: schema, loading (defaults <- YAML <- key=value) and validation."""
+"""Typed configuration: schema, presets, loading (defaults <- preset <- YAML <- key=value),
+validation, and help for users (``format_keys``, ``json_schema``)."""
 
+from elmm_ray.config.errors import ConfigError
+from elmm_ray.config.keys import KeyInfo, all_keys, format_keys, json_schema, key_info
 from elmm_ray.config.load import (
-    ConfigError,
     build_config,
     config_from_dict,
     config_hash,
     config_to_dict,
     dump_config,
     load_config,
+    parse_overrides,
 )
+from elmm_ray.config.presets import MODEL_PRESETS
 from elmm_ray.config.schema import (
     Config,
     DatasetConfig,
@@ -25,8 +29,9 @@ from elmm_ray.config.schema import (
 )
 
 __all__ = [
-    "Config", "ConfigError", "DatasetConfig", "DeepSpeedConfig", "EvalConfig", "ImagesConfig",
-    "LoraConfig", "MVTCConfig", "ModelConfig", "PruneConfig", "RayConfig", "SynthConfig",
-    "TrainConfig", "build_config", "config_from_dict", "config_hash", "config_to_dict",
-    "dump_config", "load_config",
+    "MODEL_PRESETS", "Config", "ConfigError", "DatasetConfig", "DeepSpeedConfig", "EvalConfig",
+    "ImagesConfig", "KeyInfo", "LoraConfig", "MVTCConfig", "ModelConfig", "PruneConfig",
+    "RayConfig", "SynthConfig", "TrainConfig", "all_keys", "build_config", "config_from_dict",
+    "config_hash", "config_to_dict", "dump_config", "format_keys", "json_schema", "key_info",
+    "load_config", "parse_overrides",
 ]

@@ -1,11 +1,13 @@
-"""Load a :class:`Config`: schema defaults <- YAML file <- ``key=value`` overrides.
+"""Load a :class:`Config`: schema defaults <- ``model.preset`` <- YAML file <- ``key=value``.
 
-Every problem (unknown key, wrong type, out-of-range value, fields that disagree) is
-collected and raised together in one :class:`ConfigError`, before any work starts.
+The sources are merged into one nested dict and validated in one pydantic pass; every
+problem (unknown key, wrong type, out-of-range value, fields that disagree) is translated
+into one line of one :class:`ConfigError`, raised before any work starts.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -13,147 +15,30 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
-from elmm_ray.config.schema import Config
+from elmm_ray.config.errors import ConfigError
+from elmm_ray.config.keys import key_info, section_class
+from elmm_ray.config.presets import MODEL_PRESETS
+from elmm_ray.config.schema import RULE_ERROR, Config
 
+__all__ = [
+    "ConfigError", "build_config", "config_from_dict", "config_hash", "config_to_dict",
+    "dump_config", "load_config", "parse_overrides",
+]
 
-class ConfigError(ValueError):
-    """Every problem found in a configuration, one per line."""
-
-    def __init__(self, problems: list[str], source: str = "") -> None:
-        self.problems = list(problems)
-        where = f" in {source}" if source else ""
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} configuration problem(s){where}:\n{lines}")
-
-
-def _field_types(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _coerce(value: Any, default: Any) -> tuple[bool, Any]:
-    """Return (ok, value) where value has the default's type when acceptable."""
-    kind = type(default)
-    if kind is bool:
-        return (isinstance(value, bool), value)
-    if kind is int:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, int):
-            return True, value
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return False, value
-    if kind is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, (int, float)):
-            return True, float(value)
-        return False, value
-    if kind is str:
-        if isinstance(value, str):
-            return True, value
-        if value is None:
-            return True, ""
-        return False, value
-    if kind is list:
-        return (isinstance(value, list), value)
-    return True, value
-
-
-def _type_name(default: Any) -> str:
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number",
-            str: "a string", list: "a list"}.get(type(default), type(default).__name__)
-
-
-def _check_rules(key: str, value: Any, f: dataclasses.Field) -> list[str]:
-    md = f.metadata
-    problems = []
-    if "choices" in md and value not in md["choices"]:
-        allowed = ", ".join(repr(c) for c in md["choices"])
-        problems.append(f"`{key}` = {value!r} is not allowed; choose one of: {allowed}")
-    bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
-    for name, ok, sym in bounds:
-        if name in md and isinstance(value, (int, float)) and not ok(value, md[name]):
-            problems.append(f"`{key}` = {value!r} is out of range; it must be {sym} {md[name]}")
-    return problems
-
-
-def _merge_into(obj: Any, data: dict, prefix: str, problems: list[str]) -> None:
-    """Write ``data`` (nested dict) into the dataclass ``obj``, collecting problems."""
-    fields = _field_types(type(obj))
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean `{prefix}{close[0]}`?" if close else ""
-            known = ", ".join(sorted(fields))
-            problems.append(f"unknown key `{full}`{hint} (known keys here: {known})")
-            continue
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                problems.append(f"`{full}` is a section; give a mapping, not {value!r}")
-                continue
-            _merge_into(current, value, f"{full}.", problems)
-            continue
-        ok, coerced = _coerce(value, current)
-        if not ok:
-            expected = _type_name(current)
-            problems.append(f"`{full}` = {value!r} has the wrong type; expected {expected}")
-            continue
-        setattr(obj, key, coerced)
-
-
-def _check_all(obj: Any, prefix: str, problems: list[str]) -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_all(value, f"{prefix}{f.name}.", problems)
-        else:
-            problems.extend(_check_rules(f"{prefix}{f.name}", value, f))
-
-
-def _cross_checks(cfg: Config) -> list[str]:
-    """Rules that involve more than one field."""
-    p: list[str] = []
-    s, m = cfg.dataset.synth, cfg.model
-    if s.min_images > s.max_images:
-        p.append(f"`dataset.synth.min_images` = {s.min_images} exceeds "
-                 f"`dataset.synth.max_images` = {s.max_images}; lower one of them")
-    if m.backbone == "tiny":
-        if m.llm_hidden % m.llm_heads:
-            p.append(f"`model.llm_hidden` = {m.llm_hidden} is not divisible by "
-                     f"`model.llm_heads` = {m.llm_heads}")
-        if m.llm_heads % m.llm_kv_heads:
-            p.append(f"`model.llm_heads` = {m.llm_heads} is not divisible by "
-                     f"`model.llm_kv_heads` = {m.llm_kv_heads}")
-        if m.vision_hidden % m.vision_heads:
-            p.append(f"`model.vision_hidden` = {m.vision_hidden} is not divisible by "
-                     f"`model.vision_heads` = {m.vision_heads}")
-        if m.image_size % m.patch_size:
-            p.append(f"`model.image_size` = {m.image_size} is not divisible by "
-                     f"`model.patch_size` = {m.patch_size}")
-        grid = m.image_size // m.patch_size
-        if grid % m.feature_pool:
-            p.append(f"`model.feature_pool` = {m.feature_pool} does not divide the "
-                     f"{grid}x{grid} patch grid of `model.image_size`/`model.patch_size`")
-    if cfg.mvtc.dim and cfg.mvtc.dim % cfg.mvtc.heads:
-        p.append(f"`mvtc.dim` = {cfg.mvtc.dim} is not divisible by `mvtc.heads` = {cfg.mvtc.heads}")
-    hits = cfg.eval.hits_at
-    if not hits or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in hits):
-        p.append(f"`eval.hits_at` = {hits!r} must be a non-empty list of positive integers")
-    if cfg.dataset.name != "synthetic" and not cfg.dataset.path:
-        p.append(f"`dataset.path` is empty but `dataset.name` = {cfg.dataset.name!r} is not "
-                 "'synthetic'; give the dataset folder")
-    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
-        p.append("`deepspeed.offload_params` = true needs `deepspeed.zero_stage` = 3")
-    return p
+_ADAPTER = TypeAdapter(Config)
+_RANGE = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"),
+          "less_than_equal": ("le", "<="), "less_than": ("lt", "<")}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "a boolean (true/false)",
+               "string": "a string", "list": "a list"}
 
 
 def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
-    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars."""
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars.
+
+    ``key=null`` (or ``~``) gives None; so does ``key=none`` for a key that may be unset
+    (elsewhere, e.g. ``prune.method=none``, ``none`` stays a string)."""
     nested: dict = {}
     problems = []
     for item in overrides:
@@ -169,6 +54,9 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        info = key_info(key)
+        if info and info.optional and isinstance(value, str) and value.lower() == "none":
+            value = None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -181,20 +69,106 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
     return nested, problems
 
 
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base`` (nested dicts merged, anything else replaced); no input changes."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _with_preset(data: dict) -> dict:
+    """``data`` over the values of its ``model.preset`` (an unknown name is left to the
+    validation, which lists the known ones)."""
+    model = data.get("model")
+    name = model.get("preset") if isinstance(model, dict) else None
+    if isinstance(name, str) and name in MODEL_PRESETS:
+        return _merge({"model": MODEL_PRESETS[name]}, data)
+    return data
+
+
+def _whole_floats_to_int(data: dict, prefix: str = "") -> None:
+    """``3.0`` -> ``3`` where the schema wants an integer (in place)."""
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _whole_floats_to_int(value, f"{full}.")
+            continue
+        info = key_info(full)
+        if info is None:
+            continue
+        if info.kind is int and isinstance(value, float) and value.is_integer():
+            data[key] = int(value)
+        elif info.item is int and isinstance(value, list):
+            data[key] = [int(v) if isinstance(v, float) and v.is_integer() else v
+                         for v in value]
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _problem(err: dict) -> list[str]:
+    """One pydantic error -> our message(s)."""
+    kind, loc, value = err["type"], err["loc"], err.get("input")
+    ctx = err.get("ctx") or {}
+    key = _dotted(loc)
+    info = key_info(key)
+    if kind == RULE_ERROR:
+        return list(ctx["problems"])
+    if kind == "invalid_key":
+        where = ".".join(str(p) for p in loc[:-1])
+        return [f"key {loc[-1]!r}{f' in `{where}`' if where else ''} is not a name"]
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        prefix = ".".join(str(p) for p in loc[:-1])
+        cls = section_class(prefix)
+        known = sorted(cls.__pydantic_fields__) if cls else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean `{prefix + '.' if prefix else ''}{close[0]}`?" if close else ""
+        return [f"unknown key `{key}`{hint} (known keys here: {', '.join(known)})"]
+    if kind in ("dataclass_type", "dataclass_exact_type", "dataclass_args_type"):
+        return [f"`{key}` is a section; give a mapping, not {value!r}"]
+    if kind in _RANGE:
+        name, sym = _RANGE[kind]
+        tail = ""
+        if info and info.optional:
+            tail = " or null" + (" (0 no longer means unset: write null)" if value == 0 else "")
+        return [f"`{key}` = {value!r} is out of range; it must be {sym} {ctx[name]}{tail}"]
+    if kind == "literal_error":
+        allowed = info.allowed if info else ctx.get("expected", "")
+        return [f"`{key}` = {value!r} is not allowed; choose one of: {allowed}"]
+    word = _TYPE_WORDS.get(kind.split("_")[0])
+    if word or kind == "int_from_float":
+        expected = info.expected if info else (word or "an integer")
+        return [f"`{key}` = {value!r} has the wrong type; expected {expected}"]
+    return [f"`{key}` = {value!r}: {err['msg']}"]
+
+
 def build_config(data: dict | None = None, overrides: list[str] | None = None,
                  source: str = "") -> Config:
-    """Schema defaults <- ``data`` <- ``overrides``; raise :class:`ConfigError` on any problem."""
-    cfg = Config()
+    """Schema defaults <- ``model.preset`` <- ``data`` <- ``overrides``; raise
+    :class:`ConfigError` listing every problem."""
     problems: list[str] = []
+    merged: dict = {}
     if data:
-        _merge_into(cfg, data, "", problems)
+        merged = _merge(merged, data)
     if overrides:
         nested, parse_problems = parse_overrides(overrides)
         problems.extend(parse_problems)
-        _merge_into(cfg, nested, "", problems)
-    _check_all(cfg, "", problems)
-    if not problems:
-        problems.extend(_cross_checks(cfg))
+        merged = _merge(merged, nested)
+    merged = _with_preset(merged)
+    _whole_floats_to_int(merged)
+    try:
+        cfg = _ADAPTER.validate_python(merged)
+    except ValidationError as err:
+        for e in err.errors():
+            problems.extend(p for p in _problem(e) if p not in problems)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -222,7 +196,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def config_to_dict(cfg: Any) -> dict:
-    """A plain nested dict of the config (JSON/YAML serialisable)."""
+    """A plain nested dict of the config (JSON/YAML serialisable; unset values are None)."""
     return dataclasses.asdict(cfg)
 
 

@@ -1,220 +1,420 @@
 """The typed configuration of every stage.
 
-One dataclass per section; the field's ``help`` metadata is what ``elmm-ray --help`` and
-error messages print. Allowed values live next to the field (``choices``, ``ge``/``le``)
-so that :func:`elmm_ray.config.load.validate` can check everything in one pass and list
-every problem at once.
+One frozen pydantic dataclass per section. Each field carries its default, its help text
+(``description``, what ``elmm-ray config keys`` and the JSON Schema print) and its rules
+(``ge``/``gt``/``le``/``lt``, ``Literal`` choices); ``None`` means "unset" (no limit, the
+default location, off). Rules that involve several fields of a section are the section's
+``model_validator``. :mod:`elmm_ray.config.load` validates a whole config in one pass and
+lists every problem at once; ``dataclasses.replace`` re-validates.
+
+Scalars are strict: a bool is not an int, a number is not a string, and a float field
+accepts ints. (Loading also turns a whole float such as ``3.0`` into the int ``3``.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
+
+from elmm_ray.config.presets import MODEL_PRESETS
+
+# Error type of the rules below; ``ctx["problems"]`` holds the finished messages.
+RULE_ERROR = "config_rule"
+
+SECTION = ConfigDict(extra="forbid", frozen=True)
 
 
-def opt(default: Any, help: str, **rules: Any) -> Any:
-    """A dataclass field with a help text and validation rules (choices, ge, gt, le, lt)."""
-    metadata = {"help": help, **rules}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+def _empty_to_none(value: Any) -> Any:
+    return None if value == "" else value
 
 
-@dataclass
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+# An optional string: "" counts as unset (None).
+OptStr = Annotated[Annotated[str, Strict()] | None, BeforeValidator(_empty_to_none)]
+PresetName = Literal[tuple(MODEL_PRESETS)]  # type: ignore[valid-type]
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise PydanticCustomError(RULE_ERROR, "{message}",
+                                  {"message": "; ".join(problems), "problems": problems})
+
+
+@dataclass(config=SECTION)
 class SynthConfig:
     """The synthetic multimodal KG generator (used when ``dataset.name == 'synthetic'``)."""
 
-    num_entities: int = opt(300, "entities to generate", ge=8)
-    num_relations: int = opt(6, "relations to generate (attribute relations first)", ge=2)
-    min_images: int = opt(1, "fewest images per entity", ge=0, le=10)
-    max_images: int = opt(4, "most images per entity (0..10)", ge=0, le=10)
-    image_size: int = opt(64, "side of the generated square images in pixels", ge=16, le=1024)
-    no_image_fraction: float = opt(
-        0.0, "share of entities that get no images at all", ge=0.0, le=1.0
+    num_entities: Int = Field(300, description="entities to generate", ge=8)
+    num_relations: Int = Field(
+        6, description="relations to generate (attribute relations first)", ge=2
     )
-    inject_faults: bool = opt(False, "write faulty image files for the reliability tests")
-    seed: int = opt(0, "seed of the generator (same seed, same files)")
+    min_images: Int = Field(1, description="fewest images per entity", ge=0, le=10)
+    max_images: Int = Field(4, description="most images per entity (0..10)", ge=0, le=10)
+    image_size: Int = Field(
+        64, description="side of the generated square images in pixels", ge=16, le=1024
+    )
+    no_image_fraction: Float = Field(
+        0.0, description="share of entities that get no images at all", ge=0.0, le=1.0
+    )
+    inject_faults: Bool = Field(
+        False, description="write faulty image files for the reliability tests"
+    )
+    seed: Int = Field(0, description="seed of the generator (same seed, same files)")
+
+    @model_validator(mode="after")
+    def _rules(self) -> SynthConfig:
+        if self.min_images > self.max_images:
+            _raise_problems([f"`dataset.synth.min_images` = {self.min_images} exceeds "
+                             f"`dataset.synth.max_images` = {self.max_images}; "
+                             "lower one of them"])
+        return self
 
 
-@dataclass
+@dataclass(config=SECTION)
 class DatasetConfig:
-    name: str = opt("synthetic", "dataset label; 'synthetic' generates one into the run dir")
-    path: str = opt("", "dataset folder; empty with name=synthetic means <run_dir>/data")
-    format: str = opt("auto", "file layout", choices=["auto", "mkgformer", "openke"])
-    image_root: str = opt("", "folder of per-entity image folders; empty: <path>/images")
-    use_long_text: bool = opt(False, "use entity2textlong.txt descriptions when present")
-    synth: SynthConfig = field(default_factory=SynthConfig)
+    """The dataset: a folder in MKGformer or OpenKE layout, or a generated synthetic one."""
+
+    name: Str = Field(
+        "synthetic", description="dataset label; 'synthetic' generates one into the run dir"
+    )
+    path: OptStr = Field(
+        None, description="dataset folder; null with name=synthetic means <run_dir>/data"
+    )
+    format: Literal["auto", "mkgformer", "openke"] = Field("auto", description="file layout")
+    image_root: OptStr = Field(
+        None, description="folder of per-entity image folders; null: <path>/images"
+    )
+    use_long_text: Bool = Field(
+        False, description="use entity2textlong.txt descriptions when present"
+    )
+    synth: SynthConfig = Field(default_factory=SynthConfig,
+                               description="the synthetic KG generator")
+
+    @model_validator(mode="after")
+    def _rules(self) -> DatasetConfig:
+        if self.name != "synthetic" and not self.path:
+            _raise_problems([f"`dataset.path` is not set but `dataset.name` = {self.name!r} "
+                             "is not 'synthetic'; give the dataset folder"])
+        return self
 
 
-@dataclass
+@dataclass(config=SECTION)
 class ImagesConfig:
-    shard_dir: str = opt("", "Parquet image shards; empty: <run_dir>/shards")
-    max_shard_bytes: int = opt(
-        64 * 1024 * 1024, "upper bound of encoded image bytes per shard", ge=1024
+    """Packing images into Parquet shards and the feature store of vision features."""
+
+    shard_dir: OptStr = Field(None, description="Parquet image shards; null: <run_dir>/shards")
+    max_shard_bytes: Int = Field(
+        64 * 1024 * 1024, description="upper bound of encoded image bytes per shard", ge=1024
     )
-    feature_store: str = opt(
-        "", "feature store location (local path or cloud URI); empty: <run_dir>/features"
+    feature_store: OptStr = Field(
+        None,
+        description="feature store location (local path or cloud URI); null: <run_dir>/features",
     )
-    max_images_per_entity: int = opt(10, "images used per entity (first N, sorted)", ge=0, le=64)
-    min_side: int = opt(
-        8, "images with a side below this many pixels count as degenerate", ge=1
+    max_images_per_entity: Int = Field(
+        10, description="images used per entity (first N, sorted)", ge=0, le=64
     )
-    num_cpus_per_task: float = opt(0.5, "CPUs per Ray Data decode/validate task", gt=0)
+    min_side: Int = Field(
+        8, description="images with a side below this many pixels count as degenerate", ge=1
+    )
+    num_cpus_per_task: Float = Field(
+        0.5, description="CPUs per Ray Data decode/validate task", gt=0
+    )
 
 
-@dataclass
+@dataclass(config=SECTION)
 class ModelConfig:
-    backbone: str = opt(
-        "tiny", "'tiny' (random init from the sizes below) or a HF checkpoint id/local dir"
+    """The multimodal backbone (CLIP tower + Llama LLM) and the scoring head."""
+
+    preset: PresetName | None = Field(
+        None, description="named set of model.* values applied before the YAML and the "
+        "overrides (explicit keys win); null = none"
     )
-    dtype: str = opt("float32", "parameter dtype", choices=["float32", "bfloat16", "float16"])
-    vision_feature_layer: int = opt(-2, "vision tower hidden layer to use (LLaVA: -2)")
-    feature_pool: int = opt(1, "spatial pooling stride over the patch grid (1 = none)", ge=1, le=8)
-    temperature: float = opt(0.05, "cosine-score temperature", gt=0)
-    uncompressed: bool = opt(
-        False, "baseline: all projected patch tokens in the prompt instead of MVTC tokens"
+    backbone: Str = Field(
+        "tiny",
+        description="'tiny' (random init from the sizes below) or a HF checkpoint id/local dir",
     )
-    entity_image_adapter: bool = opt(
-        True, "entity vectors = table row + a shared adapter over the entity's pooled patch "
-        "features (only when the model reads images)"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="parameter dtype"
     )
-    max_text_tokens: int = opt(32, "tokens kept of an entity's name + description", ge=4)
+    vision_feature_layer: Int = Field(
+        -2, description="vision tower hidden layer to use (LLaVA: -2)"
+    )
+    feature_pool: Int = Field(
+        1, description="spatial pooling stride over the patch grid (1 = none)", ge=1, le=8
+    )
+    temperature: Float = Field(0.05, description="cosine-score temperature", gt=0)
+    uncompressed: Bool = Field(
+        False,
+        description="baseline: all projected patch tokens in the prompt instead of MVTC tokens",
+    )
+    entity_image_adapter: Bool = Field(
+        True, description="entity vectors = table row + a shared adapter over the entity's "
+        "pooled patch features (only when the model reads images)"
+    )
+    max_text_tokens: Int = Field(
+        32, description="tokens kept of an entity's name + description", ge=4
+    )
     # Tiny backbone sizes (ignored for a real checkpoint).
-    vision_hidden: int = opt(64, "tiny CLIP width", ge=8)
-    vision_layers: int = opt(2, "tiny CLIP layers", ge=1)
-    vision_heads: int = opt(4, "tiny CLIP heads", ge=1)
-    image_size: int = opt(64, "tiny CLIP input side (pixels)", ge=8)
-    patch_size: int = opt(16, "tiny CLIP patch side (pixels)", ge=2)
-    llm_hidden: int = opt(128, "tiny Llama width", ge=8)
-    llm_layers: int = opt(4, "tiny Llama layers", ge=1)
-    llm_heads: int = opt(4, "tiny Llama attention heads", ge=1)
-    llm_kv_heads: int = opt(2, "tiny Llama key/value heads (GQA)", ge=1)
-    llm_intermediate: int = opt(256, "tiny Llama MLP width", ge=8)
-    vocab_size: int = opt(2000, "tiny tokenizer vocabulary size", ge=64)
+    vision_hidden: Int = Field(64, description="tiny CLIP width", ge=8)
+    vision_layers: Int = Field(2, description="tiny CLIP layers", ge=1)
+    vision_heads: Int = Field(4, description="tiny CLIP heads", ge=1)
+    image_size: Int = Field(64, description="tiny CLIP input side (pixels)", ge=8)
+    patch_size: Int = Field(16, description="tiny CLIP patch side (pixels)", ge=2)
+    llm_hidden: Int = Field(128, description="tiny Llama width", ge=8)
+    llm_layers: Int = Field(4, description="tiny Llama layers", ge=1)
+    llm_heads: Int = Field(4, description="tiny Llama attention heads", ge=1)
+    llm_kv_heads: Int = Field(2, description="tiny Llama key/value heads (GQA)", ge=1)
+    llm_intermediate: Int = Field(256, description="tiny Llama MLP width", ge=8)
+    vocab_size: Int = Field(2000, description="tiny tokenizer vocabulary size", ge=64)
+
+    @model_validator(mode="after")
+    def _rules(self) -> ModelConfig:
+        if self.backbone != "tiny":
+            return self
+        p = []
+        if self.llm_hidden % self.llm_heads:
+            p.append(f"`model.llm_hidden` = {self.llm_hidden} is not divisible by "
+                     f"`model.llm_heads` = {self.llm_heads}")
+        if self.llm_heads % self.llm_kv_heads:
+            p.append(f"`model.llm_heads` = {self.llm_heads} is not divisible by "
+                     f"`model.llm_kv_heads` = {self.llm_kv_heads}")
+        if self.vision_hidden % self.vision_heads:
+            p.append(f"`model.vision_hidden` = {self.vision_hidden} is not divisible by "
+                     f"`model.vision_heads` = {self.vision_heads}")
+        if self.image_size % self.patch_size:
+            p.append(f"`model.image_size` = {self.image_size} is not divisible by "
+                     f"`model.patch_size` = {self.patch_size}")
+        grid = self.image_size // self.patch_size
+        if grid % self.feature_pool:
+            p.append(f"`model.feature_pool` = {self.feature_pool} does not divide the "
+                     f"{grid}x{grid} patch grid of `model.image_size`/`model.patch_size`")
+        _raise_problems(p)
+        return self
 
 
-@dataclass
+@dataclass(config=SECTION)
 class MVTCConfig:
-    n_visual: int = opt(32, "visual-view query tokens", ge=0, le=1024)
-    n_text: int = opt(32, "textual-view query tokens", ge=0, le=1024)
-    heads: int = opt(8, "attention heads of the compressor", ge=1)
-    dim: int = opt(0, "compressor width; 0 = the vision feature width", ge=0)
+    """The multi-view visual token compressor."""
+
+    n_visual: Int = Field(32, description="visual-view query tokens", ge=0, le=1024)
+    n_text: Int = Field(32, description="textual-view query tokens", ge=0, le=1024)
+    heads: Int = Field(8, description="attention heads of the compressor", ge=1)
+    dim: Int | None = Field(
+        None, description="compressor width; null = the vision feature width", ge=1
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> MVTCConfig:
+        if self.dim is not None and self.dim % self.heads:
+            _raise_problems([f"`mvtc.dim` = {self.dim} is not divisible by "
+                             f"`mvtc.heads` = {self.heads}"])
+        return self
 
 
-@dataclass
+@dataclass(config=SECTION)
 class LoraConfig:
-    enabled: bool = opt(True, "train LoRA adapters on the LLM (else the LLM trains in full)")
-    r: int = opt(8, "LoRA rank", ge=1)
-    alpha: int = opt(16, "LoRA alpha", ge=1)
-    dropout: float = opt(0.05, "LoRA dropout", ge=0.0, lt=1.0)
-    target_regex: str = opt(
+    """LoRA adapters on the LLM."""
+
+    enabled: Bool = Field(
+        True, description="train LoRA adapters on the LLM (else the LLM trains in full)"
+    )
+    r: Int = Field(8, description="LoRA rank", ge=1)
+    alpha: Int = Field(16, description="LoRA alpha", ge=1)
+    dropout: Float = Field(0.05, description="LoRA dropout", ge=0.0, lt=1.0)
+    target_regex: Str = Field(
         r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)$",
-        "regex of LLM module names that get adapters (the CLIP tower also has q_proj/v_proj)",
+        description="regex of LLM module names that get adapters "
+        "(the CLIP tower also has q_proj/v_proj)",
     )
 
 
-@dataclass
+@dataclass(config=SECTION)
 class TrainConfig:
-    backend: str = opt("ray", "where to train", choices=["ray", "local"])
-    epochs: int = opt(10, "passes over the training triples", ge=1)
-    max_steps: int = opt(0, "stop after this many optimizer steps (0 = no limit)", ge=0)
-    max_minutes: float = opt(0.0, "stop after this many minutes (0 = no limit)", ge=0)
-    batch_size: int = opt(32, "triples per micro-batch per worker", ge=1)
-    grad_accum: int = opt(1, "gradient accumulation steps", ge=1)
-    learning_rate: float = opt(1e-3, "peak learning rate", gt=0)
-    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
-    warmup_steps: int = opt(0, "linear warm-up steps", ge=0)
-    grad_clip: float = opt(1.0, "gradient-norm clipping (0 = off)", ge=0)
-    num_negatives: int = opt(32, "sampled negatives per query (the negative sample size K)", ge=0)
-    in_batch_negatives: bool = opt(True, "other queries' answers in the batch are negatives")
-    knowledge_weight: float = opt(
-        0.0, "lambda of L = L_task + lambda * L_knowledge", ge=0
+    """Training: schedule, loss, validation, Ray Train workers and fault tolerance."""
+
+    backend: Literal["ray", "local"] = Field("ray", description="where to train")
+    epochs: Int = Field(10, description="passes over the training triples", ge=1)
+    max_steps: Int | None = Field(
+        None, description="stop after this many optimizer steps (null = no limit)", ge=1
     )
-    both_directions: bool = opt(True, "train head prediction (t, r^-1, ?) as well as tail")
-    eval_every: int = opt(0, "validate every N steps (0 = at the end of each epoch)", ge=0)
-    val_max_queries: int = opt(500, "validation queries per evaluation (0 = all)", ge=0)
-    seed: int = opt(0, "training seed")
-    num_workers: int = opt(2, "Ray Train workers", ge=1)
-    use_gpu: bool = opt(False, "one GPU per worker")
-    cpus_per_worker: float = opt(0.9, "CPUs reserved per Ray Train worker", gt=0)
-    threads_per_worker: int = opt(1, "torch intra-op threads per worker", ge=1)
-    max_failures: int = opt(2, "worker failures tolerated (restart from last checkpoint)", ge=0)
-    checkpoints_to_keep: int = opt(2, "checkpoints kept (best by val MRR + latest)", ge=1)
-    mlflow_uri: str = opt("", "MLflow tracking URI (empty = no MLflow)")
-    fail_at_step: int = opt(
-        0, "fault-injection test hook: rank 0 of the first attempt exits at this step (0 = off)",
-        ge=0,
+    max_minutes: Float | None = Field(
+        None, description="stop after this many minutes (null = no limit)", gt=0
+    )
+    batch_size: Int = Field(32, description="triples per micro-batch per worker", ge=1)
+    grad_accum: Int = Field(1, description="gradient accumulation steps", ge=1)
+    learning_rate: Float = Field(1e-3, description="peak learning rate", gt=0)
+    weight_decay: Float = Field(0.0, description="AdamW weight decay", ge=0)
+    warmup_steps: Int = Field(0, description="linear warm-up steps", ge=0)
+    grad_clip: Float = Field(1.0, description="gradient-norm clipping (0 = off)", ge=0)
+    num_negatives: Int = Field(
+        32, description="sampled negatives per query (the negative sample size K)", ge=0
+    )
+    in_batch_negatives: Bool = Field(
+        True, description="other queries' answers in the batch are negatives"
+    )
+    knowledge_weight: Float = Field(
+        0.0, description="lambda of L = L_task + lambda * L_knowledge", ge=0
+    )
+    both_directions: Bool = Field(
+        True, description="train head prediction (t, r^-1, ?) as well as tail"
+    )
+    eval_every: Int | None = Field(
+        None, description="validate every N steps (null = at the end of each epoch)", ge=1
+    )
+    val_max_queries: Int | None = Field(
+        500, description="validation queries per evaluation (null = all)", ge=1
+    )
+    seed: Int = Field(0, description="training seed")
+    num_workers: Int = Field(2, description="Ray Train workers", ge=1)
+    use_gpu: Bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: Float = Field(0.9, description="CPUs reserved per Ray Train worker", gt=0)
+    threads_per_worker: Int = Field(1, description="torch intra-op threads per worker", ge=1)
+    max_failures: Int = Field(
+        2, description="worker failures tolerated (restart from last checkpoint)", ge=0
+    )
+    checkpoints_to_keep: Int = Field(
+        2, description="checkpoints kept (best by val MRR + latest)", ge=1
+    )
+    mlflow_uri: OptStr = Field(None, description="MLflow tracking URI (null = no MLflow)")
+    fail_at_step: Int | None = Field(
+        None, description="fault-injection test hook: rank 0 of the first attempt exits at "
+        "this step (null = off)", ge=1,
     )
 
 
-@dataclass
+@dataclass(config=SECTION)
 class DeepSpeedConfig:
-    zero_stage: int = opt(2, "ZeRO stage", choices=[0, 1, 2, 3])
-    precision: str = opt(
-        "auto", "training precision; auto = fp32 on CPU, bf16 on GPU",
-        choices=["auto", "fp32", "bf16", "fp16"],
+    """DeepSpeed ZeRO inside the Ray Train workers."""
+
+    zero_stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_no_bool)] = Field(
+        2, description="ZeRO stage"
     )
-    offload_optimizer: bool = opt(False, "offload optimizer state to CPU (GPU mode)")
-    offload_params: bool = opt(False, "offload parameters to CPU (ZeRO-3, GPU mode)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training precision; auto = fp32 on CPU, bf16 on GPU"
+    )
+    offload_optimizer: Bool = Field(
+        False, description="offload optimizer state to CPU (GPU mode)"
+    )
+    offload_params: Bool = Field(False, description="offload parameters to CPU (ZeRO-3, GPU mode)")
+
+    @model_validator(mode="after")
+    def _rules(self) -> DeepSpeedConfig:
+        if self.offload_params and self.zero_stage != 3:
+            _raise_problems(["`deepspeed.offload_params` = true needs `deepspeed.zero_stage` = 3"])
+        return self
 
 
-@dataclass
+@dataclass(config=SECTION)
 class PruneConfig:
-    method: str = opt(
-        "none", "pruning method",
-        choices=["none", "attention", "knowledge", "magnitude", "random"],
+    """Structured pruning of the LLM and the fine-tuning after it."""
+
+    method: Literal["none", "attention", "knowledge", "magnitude", "random"] = Field(
+        "none", description="pruning method"
     )
-    ratio: float = opt(0.3, "target share of prunable parameters (or of layers for attention)",
-                       ge=0.0, lt=1.0)
-    threshold: float = opt(
-        0.8, "attention: prune layers whose in/out cosine similarity exceeds this (if ratio=0)",
-        ge=-1.0, le=1.0,
+    ratio: Float = Field(
+        0.3, description="target share of prunable parameters (or of layers for attention)",
+        ge=0.0, lt=1.0,
     )
-    importance: str = opt("squared", "knowledge importance form", choices=["squared", "taylor"])
-    scope: str = opt("global", "rank units globally or per layer", choices=["global", "per_layer"])
-    min_heads_per_layer: int = opt(1, "KV groups kept per layer at least", ge=1)
-    min_neurons_per_layer: int = opt(8, "MLP neurons kept per layer at least", ge=1)
-    steps: int = opt(1, "iterative schedule: prune/fine-tune rounds to reach the ratio", ge=1)
-    calib_samples: int = opt(64, "calibration / importance samples", ge=1)
-    compensation_rank: int = opt(0, "rank of the compensation map (0 = full d x d)", ge=0)
-    ridge: float = opt(1e-3, "ridge of the compensation least squares", ge=0)
-    finetune_steps: int = opt(100, "fine-tuning steps after each pruning round", ge=0)
-    finetune_lr: float = opt(3e-4, "learning rate of the post-pruning fine-tuning", gt=0)
-    knowledge_weight: float = opt(0.5, "lambda during post-pruning fine-tuning", ge=0)
-    seed: int = opt(0, "seed of the random baseline and sampling")
+    threshold: Float = Field(
+        0.8, description="attention: prune layers whose in/out cosine similarity exceeds "
+        "this (if ratio=0)", ge=-1.0, le=1.0,
+    )
+    importance: Literal["squared", "taylor"] = Field(
+        "squared", description="knowledge importance form"
+    )
+    scope: Literal["global", "per_layer"] = Field(
+        "global", description="rank units globally or per layer"
+    )
+    min_heads_per_layer: Int = Field(1, description="KV groups kept per layer at least", ge=1)
+    min_neurons_per_layer: Int = Field(
+        8, description="MLP neurons kept per layer at least", ge=1
+    )
+    steps: Int = Field(
+        1, description="iterative schedule: prune/fine-tune rounds to reach the ratio", ge=1
+    )
+    calib_samples: Int = Field(64, description="calibration / importance samples", ge=1)
+    compensation_rank: Int | None = Field(
+        None, description="rank of the compensation map (null = full d x d)", ge=1
+    )
+    ridge: Float = Field(1e-3, description="ridge of the compensation least squares", ge=0)
+    finetune_steps: Int = Field(
+        100, description="fine-tuning steps after each pruning round", ge=0
+    )
+    finetune_lr: Float = Field(
+        3e-4, description="learning rate of the post-pruning fine-tuning", gt=0
+    )
+    knowledge_weight: Float = Field(
+        0.5, description="lambda during post-pruning fine-tuning", ge=0
+    )
+    seed: Int = Field(0, description="seed of the random baseline and sampling")
 
 
-@dataclass
+@dataclass(config=SECTION)
 class EvalConfig:
-    split: str = opt("test", "split to rank", choices=["valid", "test"])
-    batch_size: int = opt(256, "queries scored per matrix product", ge=1)
-    max_queries: int = opt(0, "limit on queries per direction (0 = all)", ge=0)
-    hits_at: list = opt([1, 3, 10], "k values of Hits@k")
+    """Filtered ranking evaluation."""
+
+    split: Literal["valid", "test"] = Field("test", description="split to rank")
+    batch_size: Int = Field(256, description="queries scored per matrix product", ge=1)
+    max_queries: Int | None = Field(
+        None, description="limit on queries per direction (null = all)", ge=1
+    )
+    hits_at: list[Int] = Field(
+        default_factory=lambda: [1, 3, 10], description="k values of Hits@k (non-empty, each >= 1)"
+    )
+
+    @field_validator("hits_at")
+    @classmethod
+    def _positive(cls, hits: list[int]) -> list[int]:
+        if not hits or any(k < 1 for k in hits):
+            _raise_problems([f"`eval.hits_at` = {hits!r} must be a non-empty list of "
+                             "positive integers"])
+        return hits
 
 
-@dataclass
+@dataclass(config=SECTION)
 class RayConfig:
-    address: str = opt("", "Ray address; empty = RAY_ADDRESS or a local in-process cluster")
-    num_cpus: int = opt(0, "CPUs of a local cluster (0 = all)", ge=0)
-    data_actor_cpus: float = opt(0.5, "CPUs per Ray Data actor", gt=0)
-    data_actors: int = opt(1, "vision-tower actors in the extract pool", ge=1)
-    data_actor_gpus: float = opt(0.0, "GPUs per Ray Data actor", ge=0)
-    data_batch_size: int = opt(32, "images per extract batch", ge=1)
+    """The Ray cluster and the Ray Data actor pools."""
+
+    address: OptStr = Field(
+        None, description="Ray address; null = RAY_ADDRESS or a local in-process cluster"
+    )
+    num_cpus: Int | None = Field(None, description="CPUs of a local cluster (null = all)", ge=1)
+    data_actor_cpus: Float = Field(0.5, description="CPUs per Ray Data actor", gt=0)
+    data_actors: Int = Field(1, description="vision-tower actors in the extract pool", ge=1)
+    data_actor_gpus: Float = Field(0.0, description="GPUs per Ray Data actor", ge=0)
+    data_batch_size: Int = Field(32, description="images per extract batch", ge=1)
 
 
-@dataclass
+@dataclass(config=SECTION)
 class Config:
     """The whole configuration: one section per stage plus the run directory."""
 
-    run_dir: str = opt("runs/default", "run directory (local path) holding every stage's output")
-    seed: int = opt(0, "global seed")
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    images: ImagesConfig = field(default_factory=ImagesConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mvtc: MVTCConfig = field(default_factory=MVTCConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    run_dir: Str = Field(
+        "runs/default", description="run directory (local path) holding every stage's output"
+    )
+    seed: Int = Field(0, description="global seed")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="the dataset")
+    images: ImagesConfig = Field(default_factory=ImagesConfig,
+                                 description="image shards and the feature store")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model")
+    mvtc: MVTCConfig = Field(default_factory=MVTCConfig,
+                             description="the multi-view visual token compressor")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig,
+                                       description="DeepSpeed ZeRO")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="pruning")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray")

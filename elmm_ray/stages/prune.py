@@ -64,7 +64,7 @@ def prune_options(cfg: Config) -> PruneOptions:
     return PruneOptions(threshold=p.threshold, importance=p.importance, scope=p.scope,
                         min_heads_per_layer=p.min_heads_per_layer,
                         min_neurons_per_layer=p.min_neurons_per_layer,
-                        compensation_rank=p.compensation_rank, ridge=p.ridge, seed=p.seed)
+                        compensation_rank=p.compensation_rank or 0, ridge=p.ridge, seed=p.seed)
 
 
 def calibration_data(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
@@ -84,7 +84,8 @@ def finetune_config(cfg: Config) -> Config:
     ``learning_rate = prune.finetune_lr``, ``knowledge_weight = prune.knowledge_weight``,
     warm-up capped at 10% of the steps."""
     steps = cfg.prune.finetune_steps
-    train = dataclasses.replace(cfg.train, max_steps=steps, learning_rate=cfg.prune.finetune_lr,
+    train = dataclasses.replace(cfg.train, max_steps=max(steps, 1),  # finetune_steps=0: unused
+                                learning_rate=cfg.prune.finetune_lr,
                                 epochs=max(cfg.train.epochs, steps),
                                 knowledge_weight=cfg.prune.knowledge_weight,
                                 warmup_steps=min(cfg.train.warmup_steps, steps // 10),
