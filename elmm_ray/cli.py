@@ -246,6 +246,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from elmm_ray.tune.space import load_space
+    from elmm_ray.tune.sweep import format_results, run_sweep
+
+    cfg = _config(args)
+    space = load_space(args.space, cfg)
+    result = run_sweep(cfg, space)
+    print(f"shared stages (run once): {', '.join(result.shared_stages) or 'none'}; "
+          f"each trial runs: {', '.join(result.trial_stages)}")
+    print(format_results(result.rows, list(space.params), result.front))
+    for metric, path in result.best.items():
+        print(f"best by {metric}: {path}")
+    if result.front:
+        print(f"Pareto front (* above): {result.out_dir / 'pareto.png'}")
+    print(f"table: {result.out_dir / 'results.csv'}; Tune experiment: "
+          f"{result.out_dir / 'experiment'}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from elmm_ray.pipeline import run_all
 
@@ -315,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("pack", "pack images into Parquet shards: CONFIG, or DATASET_DIR OUT_DIR")
     p.set_defaults(func=cmd_pack)
 
+    p = with_config("tune", "a Ray Tune sweep over config keys (--space tune_spaces/NAME.yaml)")
+    p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("config", help="every config key (type, default, allowed, help) or the "
                        "JSON Schema of the config")
     p.add_argument("action", choices=["keys", "schema"])
@@ -345,8 +367,11 @@ def job_main(command: str, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"jobs/{command}.py")
     parser.add_argument("--config", required=True, help="YAML config (or run dir for eval)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    if command == "tune":
+        parser.add_argument("--space", required=True, help="search space YAML")
     args = parser.parse_args(argv)
-    return main([command, args.config, *args.overrides])
+    extra = ["--space", args.space] if command == "tune" else []
+    return main([command, args.config, *args.overrides, *extra])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The package's layers, enforced by reading every module with ``ast``.
 
-config -> data / models / losses -> pruning / eval -> train -> stages -> pipeline / cli.
+config -> data / models / losses -> pruning / eval -> train -> stages -> pipeline / tune / cli.
 Every import counts, at module level and inside functions (a lazy import hides a circle
 from Python, not from this test): no module may import a module of a higher layer, no
 import circle may exist among ``elmm_ray`` modules, and ``ray`` / ``deepspeed`` are
@@ -22,9 +22,9 @@ LAYERS: dict[str, int] = {
     "config": 0, "layout": 0, "tables": 0,
     "data": 1, "models": 1, "losses": 1,
     "pruning": 2, "eval": 2, "export": 2,
-    "train": 3, "tune": 3, "ray_session": 3,
+    "train": 3, "ray_session": 3,
     "stages": 4,
-    "pipeline": 5, "cli": 5, "__main__": 5,
+    "pipeline": 5, "tune": 5, "cli": 5, "__main__": 5,
 }
 
 # Where Ray and DeepSpeed may be imported (module names or package prefixes).

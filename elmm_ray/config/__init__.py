@@ -26,12 +26,13 @@ from elmm_ray.config.schema import (
     RayConfig,
     SynthConfig,
     TrainConfig,
+    TuneConfig,
 )
 
 __all__ = [
     "MODEL_PRESETS", "Config", "ConfigError", "DatasetConfig", "DeepSpeedConfig", "EvalConfig",
     "ImagesConfig", "KeyInfo", "LoraConfig", "MVTCConfig", "ModelConfig", "PruneConfig",
-    "RayConfig", "SynthConfig", "TrainConfig", "all_keys", "build_config", "config_from_dict",
-    "config_hash", "config_to_dict", "dump_config", "format_keys", "json_schema", "key_info",
-    "load_config", "parse_overrides",
+    "RayConfig", "SynthConfig", "TrainConfig", "TuneConfig", "all_keys", "build_config",
+    "config_from_dict", "config_hash", "config_to_dict", "dump_config", "format_keys",
+    "json_schema", "key_info", "load_config", "parse_overrides",
 ]

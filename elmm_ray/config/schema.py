@@ -398,6 +398,60 @@ class RayConfig:
 
 
 @dataclass(config=SECTION)
+class TuneConfig:
+    """Ray Tune sweeps (``elmm-ray tune CONFIG --space SPACE``); a space file may set any of
+    these keys too (the space wins)."""
+
+    search: Literal["random", "grid", "optuna", "optuna-nsga2"] = Field(
+        "random", description="search algorithm: random sampling, the grid of every `choice` "
+        "(times num_samples), Optuna TPE on `metric`, or Optuna NSGA-II on `objectives`"
+    )
+    scheduler: Literal["none", "asha"] = Field(
+        "asha", description="trial scheduler: ASHA stops weak trials on `metric` after each "
+        "validation round"
+    )
+    grace_period: Int = Field(
+        1, description="validation rounds every trial runs before ASHA may stop it", ge=1
+    )
+    reduction_factor: Int = Field(2, description="ASHA's reduction factor", ge=2)
+    num_samples: Int = Field(8, description="trials (grid: repeats of the whole grid)", ge=1)
+    metric: Str = Field("val_mrr", description="what ASHA, TPE and `best` optimise")
+    mode: Literal["max", "min"] = Field("max", description="maximise or minimise `metric`")
+    objectives: list[Str] = Field(
+        default_factory=lambda: ["val_mrr:max", "visual_tokens:min", "latency_ms:min",
+                                 "llm_params:min"],
+        description="metric:mode pairs of the Pareto front (and of NSGA-II); a best-config "
+        "YAML is written for each",
+    )
+    max_concurrent_trials: Int = Field(1, description="trials running at once", ge=1)
+    trial_cpus: Float | None = Field(
+        None, description="CPUs reserved by a trial's own process (null: 1 with "
+        "train.backend=local, 0.01 with ray, whose Train workers reserve their own)", gt=0
+    )
+    latency_batch: Int = Field(32, description="queries in the fixed latency batch", ge=1)
+    latency_repeats: Int = Field(7, description="timed passes (median) of the latency batch",
+                                 ge=1)
+    seed: Int = Field(0, description="seed of the search algorithm")
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, objectives: list[str]) -> list[str]:
+        bad = [o for o in objectives if o.count(":") != 1 or o.split(":")[1] not in ("max", "min")]
+        if not objectives or bad:
+            _raise_problems([f"`tune.objectives` = {objectives!r}: give a non-empty list of "
+                             "'metric:max' or 'metric:min'"])
+        return objectives
+
+    @model_validator(mode="after")
+    def _rules(self) -> TuneConfig:
+        if self.search == "optuna-nsga2" and self.scheduler != "none":
+            _raise_problems(["`tune.search` = 'optuna-nsga2' needs `tune.scheduler` = 'none' "
+                             "(a stopped trial has no cost metrics for the multi-objective "
+                             "search)"])
+        return self
+
+
+@dataclass(config=SECTION)
 class Config:
     """The whole configuration: one section per stage plus the run directory."""
 
@@ -418,3 +472,4 @@ class Config:
     prune: PruneConfig = Field(default_factory=PruneConfig, description="pruning")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweeps")

@@ -31,6 +31,7 @@ class StageContext:
 
     cfg: Config
     show_progress: bool = True
+    tune_trial: bool = False  # inside a Ray Tune trial: training reports to Tune
     results: dict[str, StageResult] = field(default_factory=dict)
     _kg: KnowledgeGraph | None = None
 
@@ -60,7 +61,9 @@ class Stage:
     ``reads``: dotted config keys or sections whose values its outputs depend on
     (``exclude``: keys inside them that do not, such as test hooks); ``needs(cfg)``: the
     upstream stages whose outputs it consumes; ``run(ctx)``: does the work and returns the
-    manifest payload; ``outputs_exist(layout, cfg)``: whether its outputs are on disk."""
+    manifest payload; ``outputs_exist(layout, cfg)``: whether its outputs are on disk;
+    ``artifacts``: its outputs at their default places, relative to the run directory
+    (what a Tune trial links from the sweep's shared run instead of recomputing)."""
 
     name: str
     reads: tuple[str, ...]
@@ -69,6 +72,7 @@ class Stage:
     outputs_exist: Callable[[RunLayout, Config], bool]
     exclude: tuple[str, ...] = ()
     help: str = ""
+    artifacts: tuple[str, ...] = ()
 
 
 STAGES: dict[str, Stage] = {}
@@ -111,6 +115,13 @@ def plan(name: str, cfg: Config) -> list[str]:
     return order
 
 
+def touches(stage: str, keys: list[str]) -> bool:
+    """Whether any dotted config key of ``keys`` is one that ``stage`` reads."""
+    reads = STAGES[stage].reads
+    return any(key == r or key.startswith(f"{r}.") or r.startswith(f"{key}.")
+               for key in keys for r in reads)
+
+
 def stage_fingerprint(name: str, cfg: Config, digests: dict[str, str]) -> str:
     stage = STAGES[name]
     inputs = {n: digests[n] for n in stage.needs(cfg)}
@@ -118,13 +129,14 @@ def stage_fingerprint(name: str, cfg: Config, digests: dict[str, str]) -> str:
 
 
 def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
-               kg: KnowledgeGraph | None = None) -> dict[str, StageResult]:
+               kg: KnowledgeGraph | None = None, tune_trial: bool = False
+               ) -> dict[str, StageResult]:
     """Run ``names`` and everything upstream of them, each at most once, skipping complete
     stages. The resolved config is written into the run directory first."""
     cfg = absolute_paths(cfg)
     layout = RunLayout.of(cfg)
     layout.write_config(cfg)
-    ctx = StageContext(cfg, show_progress, _kg=kg)
+    ctx = StageContext(cfg, show_progress, tune_trial, _kg=kg)
     digests: dict[str, str] = {}
     order: list[str] = []
     for name in names:

@@ -129,7 +129,8 @@ EXTRACT = register(Stage(
     name="extract",
     reads=("seed", "model", "images.max_images_per_entity", "images.feature_store"),
     needs=lambda cfg: ("pack",), run=run_extract, outputs_exist=_extract_done,
-    help="image features of every packed image into the feature store (Ray Data)"))
+    help="image features of every packed image into the feature store (Ray Data)",
+    artifacts=("features",)))
 
 ENTITY_INIT = register(Stage(
     name="entity_init",
@@ -138,4 +139,5 @@ ENTITY_INIT = register(Stage(
     needs=image_stage, run=run_entity_init,
     outputs_exist=lambda layout, cfg: layout.entity_init.is_file(),
     help="every entity's text + MVTC tokens through the untrained model: the initial "
-         "entity table (Ray Data)"))
+         "entity table (Ray Data)",
+    artifacts=("entity_init.safetensors", "tokenizer", "backbone")))

@@ -105,7 +105,7 @@ def deployment_copy(model: ELMM) -> ELMM:
 
 def prune_schedule(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
                    data: CalibrationData, *, out_prefix: str = STAGE,
-                   show_progress: bool = False) -> dict:
+                   show_progress: bool = False, tune_trial: bool = False) -> dict:
     """Prune ``ctx.model`` in place with ``cfg.prune`` (method, ratio, steps), fine-tuning
     after every round. Returns the rounds with metrics right after pruning (``pre_ft``)
     and after fine-tuning (``post_ft``) of the last round."""
@@ -123,7 +123,8 @@ def prune_schedule(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
                         time.perf_counter() - start, "report": report}
         record["pre_ft"] = overall_metrics(evaluate(cfg, kg, ctx))
         if p.finetune_steps > 0:
-            summary = finetune(ft_cfg, kg, ctx, f"{out_prefix}/finetune_{k}", show_progress)
+            summary = finetune(ft_cfg, kg, ctx, f"{out_prefix}/finetune_{k}", show_progress,
+                               tune_trial)
             record["post_ft"] = overall_metrics(evaluate(cfg, kg, ctx))
             # Per-step losses from the local loop; the Ray loop reports window means.
             losses = summary.get("losses") or [h["loss"] for h in summary["history"]]
@@ -143,19 +144,20 @@ def prune_schedule(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
 
 
 def finetune(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, out_subdir: str,
-             show_progress: bool) -> dict:
+             show_progress: bool, tune_trial: bool = False) -> dict:
     """Fine-tune the pruned (merged) ``ctx.model`` through the one training loop, keeping its
     entity table: in this process (``train.backend=local``), or on Ray Train workers, which
     load the pruned model saved under ``<out_subdir>/start`` and whose result is loaded
     back into ``ctx.model``."""
     if cfg.train.backend == "local":
         prepare_finetune(ctx.model, cfg)
-        return train(cfg, kg, LoopSpec(out_subdir=out_subdir), ctx, show_progress=show_progress)
+        return train(cfg, kg, LoopSpec(out_subdir=out_subdir), ctx, show_progress=show_progress,
+                     tune_trial=tune_trial)
     layout = RunLayout.of(cfg)
     start = save_pruned_model(ctx.model, layout.path(out_subdir, "start"))
     spec = LoopSpec(out_subdir=out_subdir, init_model=str(start),
                     run_name=out_subdir.replace("/", "_"))
-    summary = train(cfg, kg, spec)
+    summary = train(cfg, kg, spec, tune_trial=tune_trial)
     prepare_finetune(ctx.model, cfg)
     load_trainable(ctx.model, layout.path(out_subdir, "model"))
     return summary
@@ -211,7 +213,7 @@ def run_prune(stage: StageContext) -> dict:
     unpruned = deployment_copy(ctx.model)  # kept for interleaved timing
     data = calibration_data(cfg, kg, ctx)
     schedule = prune_schedule(cfg, kg, ctx, data, out_prefix=STAGE,
-                              show_progress=stage.show_progress)
+                              show_progress=stage.show_progress, tune_trial=stage.tune_trial)
     measured = measure({"unpruned": unpruned, "pruned": ctx.model}, batches, base="unpruned")
     base, pruned = measured["unpruned"], measured["pruned"]
     del unpruned

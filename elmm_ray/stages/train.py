@@ -26,7 +26,8 @@ def write_metrics(cfg: Config, metrics: dict):
 
 
 def run_train(ctx: StageContext) -> dict:
-    summary = train(ctx.cfg, ctx.kg, show_progress=ctx.show_progress)
+    summary = train(ctx.cfg, ctx.kg, show_progress=ctx.show_progress,
+                    tune_trial=ctx.tune_trial)
     history = summary["history"]
     return {"backend": ctx.cfg.train.backend, "steps": summary["steps"],
             "train_seconds": summary["train_seconds"],
@@ -60,7 +61,8 @@ TRAIN = register(Stage(
     reads=("seed", "dataset", "images", "model", "mvtc", "lora", "train", "deepspeed"),
     exclude=("train.fail_at_step", "train.max_failures", "images.num_cpus_per_task"),
     needs=train_needs, run=run_train, outputs_exist=_trained,
-    help="train (train.backend=ray: Ray Train + DeepSpeed; local: one process)"))
+    help="train (train.backend=ray: Ray Train + DeepSpeed; local: one process)",
+    artifacts=("train", "tokenizer", "backbone")))
 
 EVAL = register(Stage(
     name="eval", reads=("eval",), needs=lambda cfg: ("train",), run=run_eval,

@@ -23,6 +23,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,13 +185,18 @@ class DeepSpeedEngine:
 
 
 class LocalSession:
-    """One process: rank 0 of 1, no checkpoints."""
+    """One process: rank 0 of 1, no checkpoints; ``report`` (e.g. ``ray.tune.report`` in a
+    Tune trial) receives every validation record."""
 
     rank, world = 0, 1
     resumed_state: dict | None = None
 
+    def __init__(self, report: Callable[[dict], None] | None = None) -> None:
+        self._report = report
+
     def report(self, record: dict, state: dict) -> None:
-        pass
+        if self._report is not None:
+            self._report(record)
 
     def agree_to_stop(self, stop: bool) -> bool:
         return stop
@@ -354,17 +360,19 @@ class _nothing:
 
 
 def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
-                ctx: ModelContext | None = None, *, show_progress: bool = True) -> dict:
+                ctx: ModelContext | None = None, *, show_progress: bool = True,
+                report: Callable[[dict], None] | None = None) -> dict:
     """The local backend: the loop in this process with a :class:`TorchEngine`. Given
     ``ctx`` (e.g. a pruned model being fine-tuned in place) it trains that model and keeps
-    its entity table. Writes ``<run_dir>/<spec.out_subdir>/{model/, summary.json, ...}``."""
+    its entity table. Writes ``<run_dir>/<spec.out_subdir>/{model/, summary.json, ...}``;
+    ``report`` receives every validation record."""
     out = RunLayout.of(cfg).path(spec.out_subdir)
     out.mkdir(parents=True, exist_ok=True)
     ctx = ctx or prepare_context(cfg, kg, spec)
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     queries = kg.queries("train", cfg.train.both_directions)
     steps = total_steps(cfg, QueryBatches(queries, cfg.train.batch_size, 0).steps_per_epoch)
-    summary = run_loop(cfg, kg, ctx, queries, TorchEngine(params, cfg, steps), LocalSession(),
+    summary = run_loop(cfg, kg, ctx, queries, TorchEngine(params, cfg, steps), LocalSession(report),
                        out, show_progress=show_progress)
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -22,8 +22,10 @@ from elmm_ray.train.loop import LoopSpec, train_local, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
-def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec()):
-    """A ``TorchTrainer`` for ``cfg`` and ``spec`` (Ray must be initialised)."""
+def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
+                  tune_trial: bool = False):
+    """A ``TorchTrainer`` for ``cfg`` and ``spec`` (Ray must be initialised); inside a Ray
+    Tune trial (``tune_trial``) every report also reaches Tune."""
     import ray.data
     from ray.train import (
         CheckpointConfig,
@@ -68,14 +70,22 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec()):
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             worker_runtime_env={"env_vars": env_vars},
+            callbacks=_tune_callbacks() if tune_trial else None,
         ),
     )
 
 
-def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec()) -> dict:
+def _tune_callbacks() -> list:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
+
+
+def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
+              tune_trial: bool = False) -> dict:
     """Train on Ray; returns a summary with the run's metrics history."""
     init_ray(cfg.ray)
-    result = build_trainer(cfg, kg, spec).fit()
+    result = build_trainer(cfg, kg, spec, tune_trial).fit()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     out = RunLayout.of(cfg).path(spec.out_subdir)
@@ -89,12 +99,18 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec()) -> d
 
 
 def train(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(), ctx=None, *,
-          show_progress: bool = True) -> dict:
+          show_progress: bool = True, tune_trial: bool = False) -> dict:
     """Train with ``train.backend``: the one loop in this process (``local``) or on Ray Train
-    workers (``ray``). ``ctx`` (local only) trains an existing in-memory model."""
+    workers (``ray``). ``ctx`` (local only) trains an existing in-memory model;
+    ``tune_trial``: every validation record is also reported to Ray Tune."""
     if cfg.train.backend == "local":
-        return train_local(cfg, kg, spec, ctx, show_progress=show_progress)
+        report = None
+        if tune_trial:
+            from ray import tune
+
+            report = tune.report
+        return train_local(cfg, kg, spec, ctx, show_progress=show_progress, report=report)
     if ctx is not None:
         raise ValueError("train.backend=ray builds the model on the workers; save it and "
                          "pass LoopSpec(init_model=...) instead of an in-memory context")
-    return train_ray(cfg, kg, spec)
+    return train_ray(cfg, kg, spec, tune_trial)

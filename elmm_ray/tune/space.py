@@ -1,19 +1,22 @@
 """Search spaces over config keys, read from ``tune_spaces/*.yaml``.
 
-A space names config keys (``prune.ratio``) and a distribution for each; every sampled
-value is checked against the schema when the space loads, so a typo fails before a
-sweep starts. (The sweep runner that turns a space into Ray Tune distributions is not
-written yet.)
+A space file holds ``params`` (config key -> distribution) and, optionally, any key of the
+config's ``tune`` section (``search``, ``num_samples``, ``metric`` ...), which then
+overrides the config. Every value a distribution can produce (each choice, both bounds) is
+checked against the schema when the space loads, so a typo or an out-of-range value fails
+before any trial starts, with every problem listed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from elmm_ray.config import ConfigError, build_config
+from elmm_ray.config import Config, ConfigError, TuneConfig, build_config, config_to_dict
 
 DISTRIBUTIONS = {
     "choice": ("values",),
@@ -23,20 +26,16 @@ DISTRIBUTIONS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchSpace:
-    """A validated search space: distributions over config keys plus sweep settings."""
+    """A validated search space: distributions over config keys plus ``tune`` overrides."""
 
     params: dict[str, dict]
-    metric: str = "val_mrr"
-    mode: str = "max"
-    num_samples: int = 8
-    scheduler: str = "asha"
-    search: str = "random"
-    extra: dict = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
 
     def sample_values(self) -> dict[str, list]:
-        """Representative values of each parameter (the bounds or every choice)."""
+        """Representative values of each parameter (every choice, or the bounds)."""
         out = {}
         for key, spec in self.params.items():
             if spec["type"] == "choice":
@@ -47,40 +46,85 @@ class SearchSpace:
                 out[key] = [spec["low"], spec["high"]]
         return out
 
+    def apply(self, cfg: Config) -> Config:
+        """``cfg`` with the space's ``tune`` settings."""
+        data = config_to_dict(cfg)
+        data["tune"] = {**data["tune"], **self.tune}
+        return build_config(data, source=self.source)
 
-def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a space file; raise :class:`ConfigError` listing every problem."""
+    def to_tune(self, grid: bool = False) -> dict[str, Any]:
+        """Ray Tune's ``param_space`` (``grid``: every choice as a grid axis)."""
+        from ray import tune
+
+        space: dict[str, Any] = {}
+        for key, spec in self.params.items():
+            kind = spec["type"]
+            if kind == "choice":
+                space[key] = (tune.grid_search(list(spec["values"])) if grid
+                              else tune.choice(list(spec["values"])))
+            elif kind == "uniform":
+                space[key] = tune.uniform(spec["low"], spec["high"])
+            elif kind == "loguniform":
+                space[key] = tune.loguniform(spec["low"], spec["high"])
+            else:
+                space[key] = tune.randint(spec["low"], spec["high"])
+        return space
+
+
+def load_space(path: str | Path, cfg: Config | None = None) -> SearchSpace:
+    """Read and validate a space file (against ``cfg`` when given, so that combined
+    settings are checked too); raise :class:`ConfigError` listing every problem."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
-    problems: list[str] = []
-    if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
-        raise ConfigError([f"{path} needs a `params` mapping of config key -> distribution"])
-    allowed_top = {"params", "metric", "mode", "num_samples", "scheduler", "search"}
-    problems += [f"unknown key `{k}` (known: {sorted(allowed_top)})"
-                 for k in data if k not in allowed_top]
-    if data.get("mode", "max") not in ("max", "min"):
-        problems.append(f"`mode` = {data['mode']!r}; choose 'max' or 'min'")
-    if data.get("scheduler", "asha") not in ("asha", "fifo"):
-        problems.append(f"`scheduler` = {data['scheduler']!r}; choose 'asha' or 'fifo'")
-    if data.get("search", "random") not in ("random", "optuna"):
-        problems.append(f"`search` = {data['search']!r}; choose 'random' or 'optuna'")
+    if not path.is_file():
+        raise ConfigError([f"search space {path} does not exist"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path} is not valid YAML: {err}"]) from err
+    if not isinstance(data, dict) or not isinstance(data.get("params"), dict) \
+            or not data["params"]:
+        raise ConfigError([f"{path} needs a non-empty `params` mapping of config key -> "
+                           "distribution"])
+    tune_keys = [f.name for f in dataclasses.fields(TuneConfig)]
+    problems = [f"unknown key `{k}` (known: params, {', '.join(tune_keys)})"
+                for k in data if k != "params" and k not in tune_keys]
+    overrides = {k: v for k, v in data.items() if k in tune_keys}
     params = data["params"]
     for key, spec in params.items():
         if not isinstance(spec, dict) or spec.get("type") not in DISTRIBUTIONS:
             problems.append(f"`params.{key}`: give {{type: one of {sorted(DISTRIBUTIONS)}, ...}}")
             continue
         missing = [a for a in DISTRIBUTIONS[spec["type"]] if a not in spec]
+        unknown = [a for a in spec if a not in ("type", *DISTRIBUTIONS[spec["type"]])]
         if missing:
             problems.append(f"`params.{key}`: type {spec['type']} needs {missing}")
+        if unknown:
+            problems.append(f"`params.{key}`: unknown fields {unknown}")
+        if spec["type"] == "choice" and not missing and (
+                not isinstance(spec["values"], list) or not spec["values"]):
+            problems.append(f"`params.{key}`: `values` must be a non-empty list")
+        if key.startswith(("run_dir", "tune.", "ray.")) or key == "seed":
+            problems.append(f"`params.{key}`: {key} cannot be swept")
     if problems:
         raise ConfigError(problems, str(path))
-    space = SearchSpace(params=params, **{k: v for k, v in data.items() if k != "params"})
+    space = SearchSpace(params=params, tune=overrides, source=str(path))
+    base = config_to_dict(cfg) if cfg is not None else {}
+    try:
+        base["tune"] = {**base.get("tune", {}), **overrides}
+        tuned = build_config(base)
+    except ConfigError as err:
+        problems += err.problems
+        tuned = None
     for key, values in space.sample_values().items():
         for value in values:
             try:
-                build_config(overrides=[f"{key}={yaml.safe_dump(value).strip()}"])
+                build_config(base, overrides=[f"{key}={yaml.safe_dump(value).strip()}"])
             except ConfigError as err:
                 problems += [f"`params.{key}` value {value!r}: {p}" for p in err.problems]
+    if tuned is not None and tuned.tune.search == "grid":
+        problems += [f"`params.{key}`: search 'grid' needs `choice` distributions, not "
+                     f"{spec['type']}" for key, spec in params.items()
+                     if spec["type"] != "choice"]
     if problems:
         raise ConfigError(problems, str(path))
     return space

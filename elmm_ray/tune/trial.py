@@ -1,0 +1,132 @@
+"""One Ray Tune trial: the sampled config in its own run directory, upstream stages linked
+from the sweep's shared run, the remaining stages run (training reports every validation
+round to Tune), then the trial's cost measured and reported with its last validation
+figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elmm_ray.config import Config, build_config, config_from_dict, config_to_dict
+from elmm_ray.data.dataset import load_dataset
+from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.eval.evaluate import encode_queries
+from elmm_ray.layout import RunLayout
+from elmm_ray.models.build import reads_images
+from elmm_ray.stages import STAGES, run_stages
+from elmm_ray.train.context import ModelContext, final_context
+
+TRIALS_SUBDIR = "trials"
+
+
+def trial_config(base: Config, params: dict, run_dir: str | Path) -> Config:
+    """``base`` with the sampled ``params`` (dotted key -> value), in ``run_dir``."""
+    data = config_to_dict(base)
+    data["run_dir"] = str(run_dir)
+    for key, value in params.items():
+        node = data
+        *sections, leaf = key.split(".")
+        for section in sections:
+            node = node[section]
+        node[leaf] = value.item() if isinstance(value, np.generic) else value
+    return build_config(data)
+
+
+def link_upstream(shared: RunLayout, trial: RunLayout, stages: list[str]) -> None:
+    """Make the ``stages`` complete in the trial's run directory without running them: their
+    artifacts are links to the shared run's, their manifests copies."""
+    trial.root.mkdir(parents=True, exist_ok=True)
+    for name in stages:
+        for rel in STAGES[name].artifacts:
+            source, target = shared.path(rel), trial.path(rel)
+            if source.exists() and not (target.exists() or target.is_symlink()):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(source, target, target_is_directory=source.is_dir())
+        manifest = shared.manifest_path(name)
+        if manifest.is_file():
+            trial.manifest_path(name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(manifest, trial.manifest_path(name))
+
+
+def visual_tokens(cfg: Config, tokens_per_image: int) -> int:
+    """Visual tokens in one query's prompt: the MVTC tokens, or every patch token of every
+    image in the uncompressed baseline, or none."""
+    if not reads_images(cfg):
+        return 0
+    if cfg.model.uncompressed:
+        return tokens_per_image * cfg.images.max_images_per_entity
+    return cfg.mvtc.n_visual + cfg.mvtc.n_text
+
+
+@torch.no_grad()
+def query_latency_ms(ctx: ModelContext, queries: np.ndarray, batch: int, repeats: int) -> float:
+    """Median wall time (ms) to encode a fixed batch of queries, after one warm-up pass."""
+    chunk = queries[:batch]
+    encode_queries(ctx.model, ctx.collator, ctx.features, chunk, batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encode_queries(ctx.model, ctx.collator, ctx.features, chunk, batch)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def cost_metrics(cfg: Config, kg: KnowledgeGraph) -> dict:
+    """Cost of the trial's final model (pruned when the trial pruned): visual tokens per
+    query, LLM parameters, query-encoding latency and peak memory."""
+    ctx = final_context(cfg, kg)
+    ctx.model.eval()
+    llm = ctx.model.language_model
+    tokens_per_image = int(ctx.features.feature_shape[0])
+    queries = kg.queries(cfg.eval.split)
+    order = np.random.default_rng(cfg.tune.seed).permutation(len(queries))
+    return {"visual_tokens": visual_tokens(cfg, tokens_per_image),
+            "llm_params": int(sum(p.numel() for p in llm.parameters())),
+            "latency_ms": query_latency_ms(ctx, queries[order], cfg.tune.latency_batch,
+                                           cfg.tune.latency_repeats),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def run_trial(config: dict) -> None:
+    """The Tune function trainable. ``config``: ``base`` (the sweep's resolved config),
+    ``shared`` (stages to link from the base run), ``stages`` (stages to run here) and the
+    sampled dotted keys."""
+    from ray import tune
+
+    torch.set_num_threads(1)
+    base = config_from_dict(config["base"])
+    params = {k: v for k, v in config.items() if k not in ("base", "shared", "stages")}
+    trial_id = tune.get_context().get_trial_id()
+    shared = RunLayout.of(base)
+    cfg = trial_config(base, params, shared.tune_dir / TRIALS_SUBDIR / trial_id)
+    layout = RunLayout.of(cfg)
+    link_upstream(shared, layout, config["shared"])
+    start = time.perf_counter()
+    results = run_stages(config["stages"], cfg, show_progress=False, tune_trial=True)
+    history_file = layout.path("prune" if "prune" in results else "train", "metrics.jsonl")
+    if "prune" in results:
+        rounds = sorted(layout.path("prune").glob("finetune_*/metrics.jsonl"))
+        history_file = rounds[-1] if rounds else history_file
+    lines = history_file.read_text().splitlines() if history_file.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    metrics = {k: last[k] for k in ("val_mrr", "val_hits1") if k in last}
+    metrics.update(cost_metrics(cfg, load_dataset(cfg)))
+    metrics["trial_seconds"] = time.perf_counter() - start
+    metrics["done"] = True
+    tune.report(metrics)
