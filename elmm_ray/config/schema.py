@@ -280,7 +280,9 @@ class TrainConfig:
     num_workers: Int = Field(2, description="Ray Train workers", ge=1)
     use_gpu: Bool = Field(False, description="one GPU per worker")
     cpus_per_worker: Float = Field(0.9, description="CPUs reserved per Ray Train worker", gt=0)
-    threads_per_worker: Int = Field(1, description="torch intra-op threads per worker", ge=1)
+    threads_per_worker: Int = Field(
+        1, description="torch intra-op threads per Ray Train worker and of local training "
+        "(fixed, so that a config gives the same figures in any process)", ge=1)
     max_failures: Int = Field(
         2, description="worker failures tolerated (restart from last checkpoint)", ge=0
     )

@@ -266,11 +266,11 @@ def _maybe_inject_fault(cfg: Config, rank: int, step: int, out: Path) -> None:
 
 
 def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.ndarray,
-             engine, session, out: Path, *, show_progress: bool = False,
-             gather=None) -> dict:
+             engine, session, out: Path, *, progress: str = "none", gather=None) -> dict:
     """Train ``ctx.model`` on ``queries`` with ``engine``; validate every
     ``train.eval_every`` steps (default: each epoch) and report through ``session``; save
     the trainable weights to ``<out>/model``. Returns steps, seconds, losses, history.
+    ``progress``: ``bar`` (tqdm), ``lines`` (a log line every 5% on rank 0) or ``none``;
     ``gather``: a context manager that gathers partitioned parameters for the final save
     (ZeRO-3)."""
     tc, model = cfg.train, ctx.model
@@ -294,7 +294,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     losses: list[float] = []
     window_start, window = time.perf_counter(), []
     bar = tqdm(total=steps, initial=step, desc=out.name, dynamic_ncols=True,
-               disable=not (show_progress and rank == 0 and world == 1))
+               disable=progress != "bar" or rank != 0)
+    lines = progress == "lines" and rank == 0
     model.train()
     for epoch, _, batch in batches:
         if step >= steps or (tc.max_minutes and session.agree_to_stop(
@@ -313,7 +314,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         window.append(losses[-1])
         bar.update(1)
         bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
-        if rank == 0 and bar.disable and (step % max(1, steps // 20) == 0 or step == steps):
+        if lines and (step % max(1, steps // 20) == 0 or step == steps):
             rate = len(window) * samples_per_step / max(time.perf_counter() - window_start, 1e-9)
             print(f"[{out.name}] step {step}/{steps} epoch {epoch} loss {np.mean(window):.4f} "
                   f"{rate:.1f} samples/s ETA {(steps - step) * samples_per_step / rate:.0f}s",
@@ -372,8 +373,14 @@ def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     queries = kg.queries("train", cfg.train.both_directions)
     steps = total_steps(cfg, QueryBatches(queries, cfg.train.batch_size, 0).steps_per_epoch)
-    summary = run_loop(cfg, kg, ctx, queries, TorchEngine(params, cfg, steps), LocalSession(report),
-                       out, show_progress=show_progress)
+    # A fixed thread count: the same config gives the same figures in any process.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.train.threads_per_worker)
+    try:
+        summary = run_loop(cfg, kg, ctx, queries, TorchEngine(params, cfg, steps),
+                           LocalSession(report), out, progress="bar" if show_progress else "none")
+    finally:
+        torch.set_num_threads(threads)
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -417,4 +424,4 @@ def train_loop_per_worker(config: dict) -> None:
 
     out = RunLayout.of(cfg).path(spec.out_subdir)
     run_loop(cfg, kg, ctx, queries, DeepSpeedEngine(engine, scheduler), RaySession(engine),
-             out, gather=gather)
+             out, progress="lines", gather=gather)

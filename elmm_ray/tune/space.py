@@ -71,6 +71,26 @@ class SearchSpace:
         return space
 
 
+def _param_problems(key: str, spec: object) -> list[str]:
+    """What is wrong with one ``params`` entry, before its values are checked."""
+    if not isinstance(spec, dict) or spec.get("type") not in DISTRIBUTIONS:
+        return [f"`params.{key}`: give {{type: one of {sorted(DISTRIBUTIONS)}, ...}}"]
+    problems = []
+    needed = DISTRIBUTIONS[spec["type"]]
+    missing = [a for a in needed if a not in spec]
+    unknown = [a for a in spec if a not in ("type", *needed)]
+    if missing:
+        problems.append(f"`params.{key}`: type {spec['type']} needs {missing}")
+    if unknown:
+        problems.append(f"`params.{key}`: unknown fields {unknown}")
+    if spec["type"] == "choice" and not missing and (
+            not isinstance(spec["values"], list) or not spec["values"]):
+        problems.append(f"`params.{key}`: `values` must be a non-empty list")
+    if key.startswith(("run_dir", "tune.", "ray.")) or key == "seed":
+        problems.append(f"`params.{key}`: {key} cannot be swept")
+    return problems
+
+
 def load_space(path: str | Path, cfg: Config | None = None) -> SearchSpace:
     """Read and validate a space file (against ``cfg`` when given, so that combined
     settings are checked too); raise :class:`ConfigError` listing every problem."""
@@ -90,23 +110,12 @@ def load_space(path: str | Path, cfg: Config | None = None) -> SearchSpace:
                 for k in data if k != "params" and k not in tune_keys]
     overrides = {k: v for k, v in data.items() if k in tune_keys}
     params = data["params"]
+    well_formed = {}
     for key, spec in params.items():
-        if not isinstance(spec, dict) or spec.get("type") not in DISTRIBUTIONS:
-            problems.append(f"`params.{key}`: give {{type: one of {sorted(DISTRIBUTIONS)}, ...}}")
-            continue
-        missing = [a for a in DISTRIBUTIONS[spec["type"]] if a not in spec]
-        unknown = [a for a in spec if a not in ("type", *DISTRIBUTIONS[spec["type"]])]
-        if missing:
-            problems.append(f"`params.{key}`: type {spec['type']} needs {missing}")
-        if unknown:
-            problems.append(f"`params.{key}`: unknown fields {unknown}")
-        if spec["type"] == "choice" and not missing and (
-                not isinstance(spec["values"], list) or not spec["values"]):
-            problems.append(f"`params.{key}`: `values` must be a non-empty list")
-        if key.startswith(("run_dir", "tune.", "ray.")) or key == "seed":
-            problems.append(f"`params.{key}`: {key} cannot be swept")
-    if problems:
-        raise ConfigError(problems, str(path))
+        found = _param_problems(key, spec)
+        problems += found
+        if not found:
+            well_formed[key] = spec
     space = SearchSpace(params=params, tune=overrides, source=str(path))
     base = config_to_dict(cfg) if cfg is not None else {}
     try:
@@ -115,7 +124,9 @@ def load_space(path: str | Path, cfg: Config | None = None) -> SearchSpace:
     except ConfigError as err:
         problems += err.problems
         tuned = None
-    for key, values in space.sample_values().items():
+        base.pop("tune")  # reported once; the values below are checked without it
+    checked = SearchSpace(params=well_formed)
+    for key, values in checked.sample_values().items():
         for value in values:
             try:
                 build_config(base, overrides=[f"{key}={yaml.safe_dump(value).strip()}"])
@@ -123,7 +134,7 @@ def load_space(path: str | Path, cfg: Config | None = None) -> SearchSpace:
                 problems += [f"`params.{key}` value {value!r}: {p}" for p in err.problems]
     if tuned is not None and tuned.tune.search == "grid":
         problems += [f"`params.{key}`: search 'grid' needs `choice` distributions, not "
-                     f"{spec['type']}" for key, spec in params.items()
+                     f"{spec['type']}" for key, spec in well_formed.items()
                      if spec["type"] != "choice"]
     if problems:
         raise ConfigError(problems, str(path))

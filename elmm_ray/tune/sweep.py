@@ -33,7 +33,7 @@ from elmm_ray.stages.base import touches
 from elmm_ray.tables import format_table
 from elmm_ray.tune.pareto import best_row, pareto_front, parse_objectives, plot_front
 from elmm_ray.tune.space import SearchSpace
-from elmm_ray.tune.trial import TRIALS_SUBDIR, run_trial, trial_config
+from elmm_ray.tune.trial import COMPLETE, TRIALS_SUBDIR, run_trial, trial_config
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def collect_rows(grid, keys: list[str]) -> list[dict]:
         metrics = dict(result.metrics or {})
         config = metrics.get("config") or (result.config or {})
         row = {"trial_id": metrics.get("trial_id") or Path(str(result.path)).name,
-               "status": "done" if metrics.get("done") else
+               "status": "done" if metrics.get(COMPLETE) else
                ("error" if result.error else "stopped")}
         row.update({k: config.get(k) for k in keys})
         row.update({m: metrics.get(m) for m in TABLE_METRICS})
@@ -180,7 +180,7 @@ def format_results(rows: list[dict], keys: list[str], front: list[int]) -> str:
         return str(value)
 
     columns = ["trial", "status", *keys, "val MRR", "tokens", "LLM params", "latency ms",
-               "rounds", "front"]
+               "reports", "front"]
     table = [(r["trial_id"], r["status"], *(show(r[k]) for k in keys), show(r["val_mrr"]),
               show(r["visual_tokens"]), show(r["llm_params"]), show(r["latency_ms"]),
               show(r["training_iteration"]), "*" if i in front else "")

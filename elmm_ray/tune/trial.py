@@ -27,6 +27,7 @@ from elmm_ray.stages import STAGES, run_stages
 from elmm_ray.train.context import ModelContext, final_context
 
 TRIALS_SUBDIR = "trials"
+COMPLETE = "trial_complete"
 
 
 def trial_config(base: Config, params: dict, run_dir: str | Path) -> Config:
@@ -109,7 +110,6 @@ def run_trial(config: dict) -> None:
     sampled dotted keys."""
     from ray import tune
 
-    torch.set_num_threads(1)
     base = config_from_dict(config["base"])
     params = {k: v for k, v in config.items() if k not in ("base", "shared", "stages")}
     trial_id = tune.get_context().get_trial_id()
@@ -128,5 +128,5 @@ def run_trial(config: dict) -> None:
     metrics = {k: last[k] for k in ("val_mrr", "val_hits1") if k in last}
     metrics.update(cost_metrics(cfg, load_dataset(cfg)))
     metrics["trial_seconds"] = time.perf_counter() - start
-    metrics["done"] = True
+    metrics[COMPLETE] = True  # (Tune's own `done` is also set on stopped trials)
     tune.report(metrics)
