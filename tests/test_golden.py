@@ -16,20 +16,11 @@ from elmm_ray.data.shards import pack_images
 from elmm_ray.layout import RunLayout, absolute_paths
 from elmm_ray.stages import run_stage
 from elmm_ray.train.loop import train_local
+from tests.tiny import TINY as TINY_BASE
 
 pytestmark = pytest.mark.timeout(300)
 
-TINY = [
-    "dataset.synth.num_entities=60", "dataset.synth.max_images=2",
-    "dataset.synth.image_size=32", "images.max_images_per_entity=2",
-    "model.image_size=32", "model.patch_size=4", "model.vision_hidden=32",
-    "model.vision_heads=2", "model.llm_hidden=64", "model.llm_layers=2",
-    "model.llm_intermediate=128", "model.vocab_size=300",
-    "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
-    "train.backend=local", "train.epochs=6", "train.batch_size=16",
-    "train.learning_rate=0.003", "train.num_negatives=8", "eval.batch_size=64",
-    "train.max_steps=12",
-]
+TINY = [*TINY_BASE, "train.epochs=6", "train.max_steps=12"]
 
 GOLDEN_LOSSES = [
     4.688877105712891, 4.617593765258789, 3.4045748710632324, 3.269127607345581,

@@ -13,16 +13,11 @@ from elmm_ray.layout import RunLayout, absolute_paths
 from elmm_ray.stages import run_stages
 from elmm_ray.stages.train import evaluate
 from elmm_ray.train.context import load_trained_context
+from tests.tiny import TINY as TINY_BASE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-TINY = [
-    "dataset.synth.num_entities=60", "dataset.synth.max_images=2",
-    "dataset.synth.image_size=32", "images.max_images_per_entity=2",
-    "model.preset=tiny-test", "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
-    "train.backend=local", "train.epochs=6", "train.batch_size=16",
-    "train.learning_rate=0.003", "train.num_negatives=8", "eval.batch_size=64",
-]
+TINY = [*TINY_BASE, "train.epochs=6"]
 
 
 @pytest.fixture(scope="module")

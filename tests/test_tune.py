@@ -18,18 +18,15 @@ from elmm_ray.config import ConfigError, load_config
 from elmm_ray.tune.pareto import best_row, dominates, pareto_front
 from elmm_ray.tune.space import load_space
 from elmm_ray.tune.sweep import split_stages
+from tests.tiny import TINY as TINY_BASE
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 
 # A tiny local-backend sweep: 60 entities, 3 epochs, validation every 16 steps.
 TINY = [
-    "model.preset=tiny-test", "dataset.synth.num_entities=60", "dataset.synth.max_images=2",
-    "dataset.synth.image_size=32", "images.max_images_per_entity=2", "mvtc.n_visual=4",
-    "mvtc.n_text=4", "mvtc.heads=2", "train.backend=local", "train.epochs=3",
-    "train.batch_size=16", "train.num_negatives=8", "train.eval_every=16",
-    "train.val_max_queries=40", "eval.batch_size=64", "tune.grace_period=1",
-    "tune.latency_repeats=2", "ray.num_cpus=2",
+    *TINY_BASE, "train.epochs=3", "train.eval_every=16", "train.val_max_queries=40",
+    "tune.grace_period=1", "tune.latency_repeats=2", "ray.num_cpus=2",
 ]
 # Grid order is fixed: a learning rate that learns, then three that cannot.
 LR_SPACE = """search: grid

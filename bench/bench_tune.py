@@ -1,0 +1,106 @@
+"""Ray Tune sweep costs on the tiny config: per-trial overhead (Tune + Train start-up,
+entity init, cost measurement) against training time, trials per hour, and the time saved
+by sharing upstream stages (the sweep vs the same trials as independent pipeline runs).
+
+    python bench/bench_tune.py [--backend ray|local] [--trials 4] [key=value ...]
+
+Every trial of the sweep runs to the end (no scheduler), so both sides do the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO_ROOT, save  # noqa: E402
+
+from elmm_ray.config import RayConfig, load_config  # noqa: E402
+from elmm_ray.layout import absolute_paths  # noqa: E402
+from elmm_ray.pipeline import pipeline_stages  # noqa: E402
+from elmm_ray.ray_session import init_ray  # noqa: E402
+from elmm_ray.stages import run_stages  # noqa: E402
+from elmm_ray.tables import format_table  # noqa: E402
+from elmm_ray.tune.space import load_space  # noqa: E402
+from elmm_ray.tune.sweep import run_sweep  # noqa: E402
+from elmm_ray.tune.trial import trial_config  # noqa: E402
+
+DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
+TINY = [
+    "model.preset=tiny-test", "dataset.synth.num_entities=120", "dataset.synth.max_images=2",
+    "dataset.synth.image_size=32", "images.max_images_per_entity=2", "mvtc.heads=2",
+    "train.epochs=3", "train.batch_size=16", "train.num_negatives=8",
+    "train.val_max_queries=40", "eval.batch_size=64", "tune.latency_repeats=3",
+]
+N_VISUAL = [2, 4, 8, 16, 32, 64]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backend", choices=["ray", "local"], default="ray")
+    parser.add_argument("--trials", type=int, default=4, help="trials (<= 6)")
+    parser.add_argument("overrides", nargs="*", help="key=value for every run")
+    args = parser.parse_args()
+    values = N_VISUAL[:args.trials]
+    init_ray(RayConfig(num_cpus=2))
+    overrides = [*TINY, f"train.backend={args.backend}", "train.num_workers=1",
+                 "tune.scheduler=none", "tune.search=grid", "tune.num_samples=1",
+                 *args.overrides]
+    with tempfile.TemporaryDirectory(prefix="bench_tune_") as tmp:
+        root = Path(tmp)
+        space_file = root / "space.yaml"
+        space_file.write_text(json.dumps(
+            {"params": {"mvtc.n_visual": {"type": "choice", "values": values}}}))
+        cfg = absolute_paths(load_config(DEMO, [f"run_dir={root / 'sweep'}", *overrides]))
+        space = load_space(space_file, cfg)
+        start = time.perf_counter()
+        result = run_sweep(cfg, space, show_progress=False)
+        sweep_seconds = time.perf_counter() - start
+        trials = []
+        for row in result.rows:
+            history = (result.out_dir / "trials" / row["trial_id"] / "train" /
+                       "metrics.jsonl").read_text().splitlines()
+            train_seconds = json.loads(history[-1])["train_seconds"]
+            trials.append({"n_visual": row["mvtc.n_visual"], "val_mrr": row["val_mrr"],
+                           "trial_seconds": row["trial_seconds"],
+                           "train_seconds": train_seconds,
+                           "overhead_seconds": row["trial_seconds"] - train_seconds})
+        # The same trials as independent runs of the whole pipeline, each in its own run dir.
+        start = time.perf_counter()
+        independent = []
+        for i, value in enumerate(values):
+            run_cfg = trial_config(cfg, {"mvtc.n_visual": value}, root / f"run{i}")
+            t0 = time.perf_counter()
+            run_stages(pipeline_stages(run_cfg), run_cfg, show_progress=False)
+            independent.append(time.perf_counter() - t0)
+        independent_seconds = time.perf_counter() - start
+    train_total = sum(t["train_seconds"] for t in trials)
+    payload = {
+        "command": "python bench/bench_tune.py " + " ".join(sys.argv[1:]),
+        "backend": args.backend, "trials": trials, "shared_stages": result.shared_stages,
+        "trial_stages": result.trial_stages, "sweep_seconds": sweep_seconds,
+        "trials_per_hour": 3600 * len(trials) / sweep_seconds,
+        "overhead_share": 1 - train_total / sum(t["trial_seconds"] for t in trials),
+        "independent_seconds": independent_seconds, "independent_runs": independent,
+        "sharing_speedup": independent_seconds / sweep_seconds,
+    }
+    rows = [(t["n_visual"], f"{t['trial_seconds']:.1f}", f"{t['train_seconds']:.1f}",
+             f"{t['overhead_seconds']:.1f}", f"{t['val_mrr']:.3f}") for t in trials]
+    print(format_table(rows, ["n_visual", "trial s", "train s", "overhead s", "val MRR"],
+                       title=f"sweep of {len(trials)} trials ({args.backend} backend)"))
+    summary = [("sweep wall time", f"{sweep_seconds:.1f} s"),
+               ("trials per hour", f"{payload['trials_per_hour']:.0f}"),
+               ("overhead share of trial time", f"{100 * payload['overhead_share']:.0f}%"),
+               ("same trials as independent runs", f"{independent_seconds:.1f} s"),
+               ("time saved by sharing upstream stages",
+                f"{payload['sharing_speedup']:.2f}x")]
+    print(format_table(summary, title="sweep vs independent runs"))
+    save(f"tune_{args.backend}", payload)
+
+
+if __name__ == "__main__":
+    main()
