@@ -33,6 +33,7 @@ from elmm_ray.data.collate import QueryCollator
 from elmm_ray.data.feature_store import FeatureStore
 from elmm_ray.data.image_features import FeatureBank
 from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.eval.evaluate import refresh_entity_cache
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.build import build_elmm
 from elmm_ray.models.elmm import ELMM
@@ -62,8 +63,8 @@ def _module_state(model: ELMM) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_model(model: ELMM, tokenizer, features, kg: KnowledgeGraph, cfg: Config,
-                 out_dir: str | Path) -> Path:
+def export_model(model: ELMM, tokenizer, collator: QueryCollator, features,
+                 kg: KnowledgeGraph, cfg: Config, out_dir: str | Path) -> Path:
     """Write ``model`` (LoRA is merged here, in place) as a self-contained directory."""
     out = Path(out_dir)
     if out.exists():
@@ -77,6 +78,7 @@ def export_model(model: ELMM, tokenizer, features, kg: KnowledgeGraph, cfg: Conf
         model.backbone.save_pretrained(out / "backbone")
     tokenizer.save_pretrained(out / "tokenizer")
     state = _module_state(model)
+    refresh_entity_cache(model, collator, features, cfg.eval.batch_size)  # the final encoding
     with torch.no_grad():
         state["entity_vectors"] = model.entity_vectors().float().cpu().contiguous()
     save_file(state, str(out / "elmm.safetensors"))

@@ -516,3 +516,55 @@ def test_no_image_ablation_has_no_image_pathway(tokenizer):
     cfg = tiny_config(entity_image_adapter=False)
     assert build_elmm(cfg, num_entities=len(ENTITY_TEXTS),
                       tokenizer=tokenizer).entity_table.visual is None
+
+
+# --- entity encoder (bi-encoder) --------------------------------------------------------
+
+
+def test_encoder_candidates_send_gradient_to_mvtc_and_lora(tokenizer, collator):
+    """model.entity_repr=encoder: the loss reaches MVTC, the LoRA weights and the readout
+    through the candidates' own encodings (no query in the batch reads images, so every
+    MVTC gradient comes from the candidate side), and the unused table is not trained."""
+    from elmm_ray.data.image_features import FeatureBank
+    from elmm_ray.data.kg import FilterIndex
+    from elmm_ray.train.step import compute_loss
+
+    torch.manual_seed(0)
+    model = make_model(tokenizer, entity_repr="encoder")
+    apply_lora(model, r=4, alpha=8, dropout=0.0, target_regex=LORA_REGEX)
+    assert not model.entity_table.weight.requires_grad and model.encodes_entities
+    model.train()
+    features = random_features(len(ENTITY_TEXTS), 2, model)
+    mask = torch.ones(len(ENTITY_TEXTS), 2, dtype=torch.bool)
+    mask[[0, 3]] = False  # the query entities have no pictures
+    bank = FeatureBank(features, mask)
+    queries = torch.tensor([[0, 0, 1], [3, 1, 4]])
+    known = FilterIndex(np.array([[0, 0, 1], [4, 1, 3]]), NUM_RELATIONS)
+    parts = compute_loss(model, collator, bank, queries, known, num_negatives=3,
+                         knowledge_weight=0.0, generator=torch.Generator().manual_seed(0))
+    parts.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for part in ("mvtc.", "lora_B", "readout."):
+        assert any(part in n and g is not None and g.abs().sum() > 0
+                   for n, g in grads.items()), part
+
+
+def test_a_refreshed_cache_equals_a_fresh_encoding(tokenizer, collator):
+    from elmm_ray.data.image_features import FeatureBank
+    from elmm_ray.eval.evaluate import encode_all_entities, refresh_entity_cache
+
+    for repr_ in ("encoder", "table+encoder"):
+        model = make_model(tokenizer, entity_repr=repr_)
+        everyone = torch.ones(len(ENTITY_TEXTS), 2, dtype=torch.bool)
+        bank = FeatureBank(random_features(len(ENTITY_TEXTS), 2, model), everyone)
+        refresh_entity_cache(model, collator, bank, batch_size=4)
+        fresh = torch.nn.functional.normalize(
+            encode_all_entities(model, collator, bank, batch_size=3), dim=-1)
+        if repr_ == "encoder":
+            torch.testing.assert_close(model.entity_vectors(), fresh, atol=1e-6, rtol=1e-5)
+        else:
+            rows = torch.nn.functional.normalize(model.entity_table.weight, dim=-1)
+            expected = torch.nn.functional.normalize(rows + fresh, dim=-1)
+            torch.testing.assert_close(model.entity_vectors(), expected, atol=1e-6, rtol=1e-5)
+        ids = torch.tensor([4, 1])
+        torch.testing.assert_close(model.entity_vectors(ids), model.entity_vectors()[ids])

@@ -191,3 +191,19 @@ def test_pruning_finetunes_through_the_same_loop_on_ray_workers(ray_session, zer
     ctx = load_pruned_context(cfg, kg)
     metrics = evaluate(cfg, kg, ctx)
     assert metrics["overall"]["mrr"] == pytest.approx(payload["post_ft"]["mrr"], abs=1e-6)
+
+
+def test_encoder_entities_under_zero3_match_a_single_process(tmp_path_factory, base,
+                                                             ray_session):
+    """model.entity_repr=encoder: candidates encoded with gradients on every rank, the
+    entity cache refreshed sharded over the ranks (each encodes a slice, all gather), under
+    ZeRO-3 with 2 workers: the same parameters as one process with the global batch."""
+    encoder = ["model.entity_repr=encoder", "train.entity_refresh_every=4"]
+    local_cfg = _prepared_run(tmp_path_factory, "enc_local", base, *encoder,
+                              "train.backend=local", "train.batch_size=16",
+                              "train.num_workers=1")
+    train_local(local_cfg, load_dataset(local_cfg), show_progress=False)
+    cfg = _prepared_run(tmp_path_factory, "enc_zero3", base, *encoder, "deepspeed.zero_stage=3")
+    summary = train_ray(cfg, load_dataset(cfg))
+    assert summary["steps"] > 4  # the sharded refresh ran on both ranks
+    _assert_close(_trainable(cfg), _trainable(local_cfg), atol=2e-4)

@@ -159,8 +159,13 @@ class ModelConfig:
         False,
         description="baseline: all projected patch tokens in the prompt instead of MVTC tokens",
     )
+    entity_repr: Literal["table", "encoder", "table+encoder"] = Field(
+        "table", description="entity vectors: a learnable table row per entity; the model's "
+        "own encoding of the entity's text + MVTC tokens of its images (a bi-encoder: what "
+        "only a candidate's pictures show reaches its vector); or their normalised sum"
+    )
     entity_image_adapter: Bool = Field(
-        True, description="entity vectors = table row + a shared adapter over the entity's "
+        True, description="entity_repr=table: row + a shared adapter over the entity's "
         "pooled patch features (only when the model reads images)"
     )
     max_text_tokens: Int = Field(
@@ -272,6 +277,11 @@ class TrainConfig:
     )
     eval_every: Int | None = Field(
         None, description="validate every N steps (null = at the end of each epoch)", ge=1
+    )
+    entity_refresh_every: Int | None = Field(
+        None, description="model.entity_repr with an encoder: re-encode every entity (the "
+        "cache behind L_knowledge and sampled negatives' scores) every N steps, sharded "
+        "over the workers (null = at each validation only)", ge=1
     )
     val_max_queries: Int | None = Field(
         500, description="validation queries per evaluation (null = all)", ge=1

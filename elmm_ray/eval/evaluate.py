@@ -30,20 +30,29 @@ def encode_queries(model: ELMM, collator: QueryCollator, features: FeatureBank,
 
 @torch.no_grad()
 def encode_all_entities(model: ELMM, collator: QueryCollator, features: FeatureBank,
-                        batch_size: int) -> torch.Tensor:
-    """Each entity's own encoding (text + MVTC tokens): the entity table's initial value.
-    Runs in eval mode (no dropout), whatever mode the model is in."""
+                        batch_size: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Each entity's own encoding (text + MVTC tokens), rows in the order of ``ids`` (default:
+    every entity): the entity table's initial value and the encoder's cache. Runs in eval
+    mode (no dropout), whatever mode the model is in."""
     device = next(model.parameters()).device
+    ids = torch.arange(model.num_entities) if ids is None else torch.as_tensor(ids)
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, model.num_entities, batch_size):
-        ids = torch.arange(start, min(start + batch_size, model.num_entities))
-        feats, mask = features.features_for(ids)
-        batch = collator.entity_batch(ids, feats, mask)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        feats, mask = features.features_for(chunk)
+        batch = collator.entity_batch(chunk, feats, mask)
         out.append(model.encode_entities({k: v.to(device) for k, v in batch.items()}).float().cpu())
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
+
+
+def refresh_entity_cache(model: ELMM, collator: QueryCollator, features: FeatureBank,
+                         batch_size: int) -> None:
+    """A fresh encoding of every entity into the model's cache (encoder entity modes)."""
+    if model.encodes_entities:
+        model.set_entity_cache(encode_all_entities(model, collator, features, batch_size))
 
 
 def select_queries(kg: KnowledgeGraph, split: str, max_queries: int, seed: int = 0) -> np.ndarray:
@@ -66,6 +75,7 @@ def evaluate_model(model: ELMM, collator: QueryCollator, features: FeatureBank,
     model.eval()
     try:
         queries = select_queries(kg, split, max_queries)
+        refresh_entity_cache(model, collator, features, batch_size)  # a fresh encoding
         vectors = encode_queries(model, collator, features, queries, batch_size)
         with torch.no_grad():
             table = model.entity_vectors().float().cpu()

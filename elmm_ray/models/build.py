@@ -88,7 +88,9 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
             temperature=model.temperature,
             learned_token_ids=(readout_id, token_id(tokenizer, INVERSE_TOKEN)),
             uncompressed=model.uncompressed,
-            entity_image_adapter=model.entity_image_adapter and reads_images(cfg),
+            entity_image_adapter=(model.entity_image_adapter and reads_images(cfg)
+                                  and model.entity_repr == "table"),
+            entity_repr=model.entity_repr,
         )
 
 

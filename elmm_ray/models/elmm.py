@@ -24,6 +24,8 @@ from transformers import LlavaForConditionalGeneration
 
 from elmm_ray.models.mvtc import MVTC
 
+ENTITY_REPRS = ("table", "encoder", "table+encoder")
+
 
 class EntityTable(nn.Module):
     """Entity vectors: a learnable row per entity, plus (optionally) an image pathway.
@@ -116,8 +118,12 @@ class ELMM(nn.Module):
         learned_token_ids: Sequence[int] = (),
         uncompressed: bool = False,
         entity_image_adapter: bool = False,
+        entity_repr: str = "table",
     ) -> None:
         super().__init__()
+        if entity_repr not in ENTITY_REPRS:
+            raise ValueError(f"entity_repr must be one of {ENTITY_REPRS}, got {entity_repr!r}")
+        self.entity_repr = entity_repr
         if mvtc is None and not uncompressed:
             raise ValueError("an MVTC is needed unless uncompressed=True")
         self.backbone = backbone
@@ -132,6 +138,10 @@ class ELMM(nn.Module):
         visual_dim = backbone.config.vision_config.hidden_size if entity_image_adapter else 0
         self.entity_table = EntityTable(num_entities, self.embed_dim, temperature,
                                         visual_dim).to(dtype)
+        # The latest encoding of every entity (encoder modes): refreshed by the trainer
+        # and before every evaluation, never saved.
+        self.register_buffer("entity_cache", torch.zeros(num_entities, self.embed_dim),
+                             persistent=False)
         ids = sorted({int(i) for i in learned_token_ids} | {self.readout_token_id})
         with torch.no_grad():
             initial = self.input_embeddings.weight[torch.tensor(ids)]
@@ -165,6 +175,8 @@ class ELMM(nn.Module):
             "entity_table": self.entity_table,
             "learned_tokens": self.learned_tokens,
         }
+        if self.entity_repr == "encoder":  # entity vectors are encodings alone
+            del modules["entity_table"]
         if self.mvtc is not None:
             modules["mvtc"] = self.mvtc
         return modules
@@ -242,9 +254,38 @@ class ELMM(nn.Module):
         """L2-normalised entity vectors ``(B, embed_dim)`` of an entity batch."""
         return self._encode(batch)
 
+    @property
+    def encodes_entities(self) -> bool:
+        """Whether entity vectors come (partly) from the model's own entity encodings."""
+        return self.entity_repr != "table"
+
     def entity_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised entity vectors ``(E or len(ids), embed_dim)``."""
-        return self.entity_table(ids)
+        """Normalised entity vectors ``(E or len(ids), embed_dim)``: table rows, the cached
+        encodings (see :meth:`set_entity_cache`), or their normalised sum."""
+        if self.entity_repr == "table":
+            return self.entity_table(ids)
+        cache = self.entity_cache if ids is None else self.entity_cache[ids]
+        if self.entity_repr == "encoder":
+            return cache
+        return F.normalize(self.entity_table(ids) + cache.to(self.entity_table.weight.dtype),
+                           dim=-1)
+
+    def candidate_vectors(self, ids: torch.Tensor, entity_batch: dict[str, torch.Tensor]
+                          ) -> torch.Tensor:
+        """Vectors of the entities ``ids`` with gradients through their encodings
+        (``entity_batch``: their :meth:`QueryCollator.entity_batch`), for the loss."""
+        if self.entity_repr == "table":
+            return self.entity_table(ids)
+        encoded = self.encode_entities(entity_batch)
+        if self.entity_repr == "encoder":
+            return encoded
+        return F.normalize(self.entity_table(ids) + encoded, dim=-1)
+
+    @torch.no_grad()
+    def set_entity_cache(self, vectors: torch.Tensor, start: int = 0) -> None:
+        """Store fresh encodings of entities ``start .. start + len(vectors)``."""
+        self.entity_cache[start : start + len(vectors)] = F.normalize(
+            vectors.to(self.entity_cache), dim=-1)
 
     def score(self, query_vectors: torch.Tensor) -> torch.Tensor:
         """Scores ``(B, num_entities)``: cosine(query, entity) / temperature."""

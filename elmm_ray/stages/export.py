@@ -17,7 +17,7 @@ from elmm_ray.train.context import final_context
 def export_run(cfg: Config, kg, out_dir: str | Path | None = None) -> Path:
     """Write the run's final model to ``out_dir`` (default ``<run_dir>/export``)."""
     ctx = final_context(cfg, kg)
-    return export_model(ctx.model, ctx.tokenizer, ctx.features, kg, cfg,
+    return export_model(ctx.model, ctx.tokenizer, ctx.collator, ctx.features, kg, cfg,
                         out_dir or RunLayout.of(cfg).export_dir)
 
 

@@ -102,7 +102,8 @@ def prepare_context(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec) -> ModelCon
         prepare_finetune(ctx.model, cfg)
         return ctx
     ctx = build_context(cfg, kg)
-    init_entity_table(ctx, cfg.eval.batch_size, RunLayout.of(cfg))
+    if ctx.model.entity_repr != "encoder":  # the encoder alone has no rows
+        init_entity_table(ctx, cfg.eval.batch_size, RunLayout.of(cfg))
     return ctx
 
 
@@ -201,6 +202,9 @@ class LocalSession:
     def agree_to_stop(self, stop: bool) -> bool:
         return stop
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
 
 class RaySession:
     """A Ray Train worker: every rank saves its DeepSpeed shards and its own state, then
@@ -231,6 +235,25 @@ class RaySession:
         flag = torch.tensor([1.0 if stop else 0.0])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's equally shaped ``tensor``, concatenated in rank order (CPU/gloo)."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+
+def refresh_entity_cache(ctx: ModelContext, batch_size: int, session) -> None:
+    """Re-encode every entity into the model's cache, sharded over the ranks: each encodes an
+    equal slice (the last padded, so every rank runs the same forwards, as ZeRO-3 needs),
+    then all gather."""
+    model = ctx.model
+    total, world = model.num_entities, session.world
+    per_rank = -(-total // world)
+    ids = torch.arange(session.rank * per_rank, (session.rank + 1) * per_rank).clamp(
+        max=total - 1)
+    mine = encode_all_entities(model, ctx.collator, ctx.features, batch_size, ids)
+    model.set_entity_cache(session.all_gather(mine)[:total])
 
 
 def _rank_state_path(directory: str | Path, rank: int) -> Path:
@@ -296,6 +319,9 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     bar = tqdm(total=steps, initial=step, desc=out.name, dynamic_ncols=True,
                disable=progress != "bar" or rank != 0)
     lines = progress == "lines" and rank == 0
+    refresh_every = tc.entity_refresh_every if model.encodes_entities else None
+    if model.encodes_entities:
+        refresh_entity_cache(ctx, cfg.eval.batch_size, session)
     model.train()
     for epoch, _, batch in batches:
         if step >= steps or (tc.max_minutes and session.agree_to_stop(
@@ -310,6 +336,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         engine.step()
         step += 1
         memory = memory or engine.memory_mb(model)
+        if refresh_every and step % refresh_every == 0:
+            refresh_entity_cache(ctx, cfg.eval.batch_size, session)
         losses.append(float(parts.loss.detach()))
         window.append(losses[-1])
         bar.update(1)

@@ -49,7 +49,11 @@ def compute_loss(
     query_vectors = model.encode_queries(batch)
     rows, cols = known.mask_pairs(entities.numpy(), qrels.numpy())
     negatives = None
-    if num_negatives:
+    if num_negatives and model.encodes_entities:
+        # Encoded candidates cost a forward each: K negatives shared by the whole batch.
+        negatives = sample_negatives(1, num_negatives, model.num_entities,
+                                     generator=generator).expand(len(entities), -1)
+    elif num_negatives:
         negatives = sample_negatives(len(entities), num_negatives, model.num_entities,
                                      generator=generator)
     # Only the candidates' vectors are computed; ids are remapped to rows of that subset.
@@ -60,7 +64,14 @@ def compute_loss(
     local_cols = local[torch.as_tensor(cols, dtype=torch.long)]
     keep = local_cols >= 0
     known_local = (torch.as_tensor(rows)[keep], local_cols[keep])
-    vectors = model.entity_vectors(candidates.to(device))
+    if model.encodes_entities:
+        # Bi-encoder: gradients flow through the candidates' own encodings.
+        cand_feats, cand_mask = features.features_for(candidates)
+        entity_batch = collator.entity_batch(candidates, cand_feats, cand_mask)
+        vectors = model.candidate_vectors(candidates.to(device),
+                                          {k: v.to(device) for k, v in entity_batch.items()})
+    else:
+        vectors = model.entity_vectors(candidates.to(device))
     task = contrastive_loss(query_vectors, vectors, local[answers].to(device),
                             local[entities].to(device), temperature=model.temperature,
                             negatives=None if negatives is None else local[negatives].to(device),
