@@ -36,8 +36,9 @@ def init_ray(cfg: RayConfig | None = None, *, quiet: bool = True) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging_level)
         return
-    kwargs: dict = dict(include_dashboard=False, _node_ip_address="127.0.0.1",
-                        runtime_env=runtime_env, logging_level=logging_level)
+    kwargs: dict = dict(include_dashboard=cfg.include_dashboard, dashboard_host="127.0.0.1",
+                        _node_ip_address="127.0.0.1", runtime_env=runtime_env,
+                        logging_level=logging_level)
     if cfg.num_cpus:
         kwargs["num_cpus"] = cfg.num_cpus
     ray.init(**kwargs)

@@ -191,3 +191,29 @@ def test_a_killed_sweep_resumes_with_every_trial_exactly_once(tmp_path):
     assert len(ids) == 4 and len(set(ids)) == 4
     assert first.stat().st_mtime_ns == stamp  # the finished trial was not trained again
     assert (run_dir / "tune" / "best_val_mrr.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_trials_train_on_ray_train_and_a_stopped_trial_frees_its_workers(tmp_path,
+                                                                         ray_session):
+    """train.backend=ray: every trial fits its own TorchTrainer, which reports each
+    validation round to Tune; ASHA stops the second trial mid-training, and the third still
+    gets the CPUs that the stopped trial's Train workers held (Ray Train's placement-group
+    cleaner needs the dashboard's State API: see `ray.include_dashboard`)."""
+    from elmm_ray.layout import absolute_paths
+    from elmm_ray.tune.sweep import run_sweep
+
+    space_file = tmp_path / "lr.yaml"
+    space_file.write_text("search: grid\nnum_samples: 1\nparams:\n  train.learning_rate: "
+                          "{type: choice, values: [0.003, 1.0e-8, 2.0e-8]}\n")
+    cfg = absolute_paths(load_config(DEMO, [
+        f"run_dir={tmp_path / 'run'}", *TINY, "train.backend=ray", "train.num_workers=1",
+        "train.cpus_per_worker=1", "train.eval_every=12"]))
+    result = run_sweep(cfg, load_space(space_file, cfg), show_progress=False)
+    status = [r["status"] for r in result.rows]
+    assert status[0] == "done" and "stopped" in status[1:] and len(status) == 3
+    for row in result.rows:  # each trial ran Ray Train (its own run under ray_train/)
+        trial = result.out_dir / "trials" / row["trial_id"]
+        assert (trial / "ray_train" / "train").is_dir()

@@ -407,6 +407,11 @@ class RayConfig:
     data_actors: Int = Field(1, description="vision-tower actors in the extract pool", ge=1)
     data_actor_gpus: Float = Field(0.0, description="GPUs per Ray Data actor", ge=0)
     data_batch_size: Int = Field(32, description="images per extract batch", ge=1)
+    include_dashboard: Bool = Field(
+        True, description="a local cluster starts Ray's dashboard on 127.0.0.1: Ray Train's "
+        "placement-group cleaner needs its State API (without it a stopped Tune trial keeps "
+        "its workers' CPUs reserved, and the cleaner logs a warning every 2 s)"
+    )
 
 
 @dataclass(config=SECTION)
