@@ -217,3 +217,31 @@ def test_trials_train_on_ray_train_and_a_stopped_trial_frees_its_workers(tmp_pat
     for row in result.rows:  # each trial ran Ray Train (its own run under ray_train/)
         trial = result.out_dir / "trials" / row["trial_id"]
         assert (trial / "ray_train" / "train").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_pruning_sweep_prunes_copies_of_one_trained_base(tmp_path, ray_session):
+    from elmm_ray.layout import absolute_paths
+    from elmm_ray.tune.sweep import run_sweep
+
+    space_file = tmp_path / "pruning.yaml"
+    space_file.write_text("search: grid\nscheduler: none\nnum_samples: 1\n"
+                          "objectives: [val_mrr:max, llm_params:min]\nparams:\n"
+                          "  prune.ratio: {type: choice, values: [0.2, 0.5]}\n")
+    cfg = absolute_paths(load_config(DEMO, [
+        f"run_dir={tmp_path / 'run'}", *TINY, "prune.method=magnitude",
+        "prune.finetune_steps=4", "prune.calib_samples=8", "train.max_steps=8"]))
+    result = run_sweep(cfg, load_space(space_file, cfg), show_progress=False)
+    assert result.shared_stages[-1] == "train" and result.trial_stages == ["prune"]
+    trained = Path(cfg.run_dir) / "train" / "model" / "trainable.json"
+    stamp = trained.stat().st_mtime_ns
+    rows = {r["prune.ratio"]: r for r in result.rows}
+    assert all(r["status"] == "done" for r in rows.values())
+    assert rows[0.5]["llm_params"] < rows[0.2]["llm_params"]
+    for row in rows.values():
+        trial = result.out_dir / "trials" / row["trial_id"]
+        assert (trial / "train").is_symlink()  # the one trained base, not retrained
+        assert (trial / "prune" / "prune_report.json").is_file()
+    assert trained.stat().st_mtime_ns == stamp

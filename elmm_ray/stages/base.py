@@ -4,14 +4,17 @@ stage it needs, skipping the complete ones.
 
 Skip decisions use one scheme (:func:`elmm_ray.layout.fingerprint`): a stage is complete
 when its manifest says ``complete`` with the fingerprint of the config values it reads and
-of its inputs' fingerprints, and its outputs exist. A changed key re-runs that stage and
-everything downstream of it; nothing else.
+of its inputs (each upstream stage's fingerprint and the id of the run that made its
+outputs), and its outputs exist. A changed key re-runs that stage and everything
+downstream of it; an upstream stage that had to run again (its outputs were lost) re-runs
+its consumers; nothing else.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -144,18 +147,22 @@ def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
     for name in order:
         stage = STAGES[name]
         digest = stage_fingerprint(name, cfg, digests)
-        digests[name] = digest
         if layout.is_complete(name, digest) and stage.outputs_exist(layout, cfg):
             log.info("stage %s: complete (fingerprint %s); skipped", name, digest)
-            ctx.results[name] = StageResult(name, layout.read_manifest(name), True, 0.0)
+            manifest = layout.read_manifest(name)
+            # Downstream stages see which run of this stage they consume: an upstream stage
+            # that runs again (its outputs were lost) makes its consumers run again too.
+            digests[name] = f"{digest}:{manifest.get('run_id', '')}"
+            ctx.results[name] = StageResult(name, manifest, True, 0.0)
             continue
         start = time.perf_counter()
         payload = stage.run(ctx)
         seconds = time.perf_counter() - start
-        manifest = {"status": "complete", "fingerprint": digest,
+        manifest = {"status": "complete", "fingerprint": digest, "run_id": uuid.uuid4().hex,
                     "inputs": {n: digests[n] for n in stage.needs(cfg)},
                     "seconds": seconds, **payload}
         layout.write_manifest(name, manifest)
+        digests[name] = f"{digest}:{manifest['run_id']}"
         ctx.results[name] = StageResult(name, {"stage": name, **manifest}, False, seconds)
     return ctx.results
 

@@ -18,6 +18,7 @@ whether it is a fresh model or a saved pruned one, and where outputs go.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -372,20 +373,12 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     bar.close()
     seconds = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
-    with gather(params) if gather else _nothing():
+    with gather(params) if gather else contextlib.nullcontext():
         if rank == 0:
             save_trainable(model, out / MODEL_SUBDIR)
     if rank == 0:
         logger.finish(history, steps=step, seconds=seconds)
     return {"steps": step, "train_seconds": seconds, "losses": losses, "history": history}
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
