@@ -156,9 +156,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from elmm_ray.stages.export import eval_export
 
     if is_export(args.config):
-        split = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("eval.split=")),
-                     "")
-        metrics = eval_export(args.config, split=split)
+        allowed = ("eval.split", "eval.max_queries")
+        given = dict(o.split("=", 1) for o in args.overrides if "=" in o)
+        unknown = [k for k in given if k not in allowed]
+        if unknown:
+            raise ConfigError([f"`{k}`: an exported model takes only {', '.join(allowed)}"
+                               for k in unknown])
+        max_queries = given.get("eval.max_queries")
+        metrics = eval_export(args.config, split=given.get("eval.split", ""),
+                              max_queries=int(max_queries) if max_queries else None)
         print_metrics(metrics, f"evaluation of the exported model {args.config}")
         return 0
     cfg = _config_or_run_dir(args.config, args.overrides)

@@ -7,14 +7,17 @@ stage is skipped when complete with the same fingerprint, an interrupted trainin
 from __future__ import annotations
 
 from elmm_ray.config import Config
-from elmm_ray.stages import run_stages
+from elmm_ray.stages import plan, run_stages
 from elmm_ray.stages.base import data_stages, image_stage
 
 
 def pipeline_stages(cfg: Config) -> list[str]:
     """The stages ``elmm-ray run`` chains for ``cfg``."""
     images = ["extract"] if "extract" in image_stage(cfg) else []
-    stages = [*data_stages(cfg), "pack", *images, "entity_init", "train", "eval"]
+    stages = [*data_stages(cfg), "pack", *images]
+    if "entity_init" in plan("train", cfg):  # Ray Train workers read the initial table
+        stages.append("entity_init")
+    stages += ["train", "eval"]
     if cfg.prune.method != "none":
         stages.append("prune")
     stages.append("export")

@@ -280,8 +280,8 @@ class TrainConfig:
     )
     entity_refresh_every: Int | None = Field(
         None, description="model.entity_repr with an encoder: re-encode every entity (the "
-        "cache behind L_knowledge and sampled negatives' scores) every N steps, sharded "
-        "over the workers (null = at each validation only)", ge=1
+        "cache that L_knowledge scores against) every N steps, sharded over the workers; it "
+        "is also refreshed at the start and before every validation (null: only then)", ge=1
     )
     val_max_queries: Int | None = Field(
         500, description="validation queries per evaluation (null = all)", ge=1

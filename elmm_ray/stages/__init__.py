@@ -13,7 +13,5 @@ from elmm_ray.stages.base import (
            run_stages,
 )
 
-PIPELINE = ("synth", "pack", "extract", "entity_init", "train", "eval", "prune", "export")
-
-__all__ = ["PIPELINE", "STAGES", "Stage", "StageContext", "StageResult", "data", "export",
+__all__ = ["STAGES", "Stage", "StageContext", "StageResult", "data", "export",
            "features", "plan", "prune", "run_stage", "run_stages", "train"]

@@ -35,6 +35,7 @@ class StageContext:
     cfg: Config
     show_progress: bool = True
     tune_trial: bool = False  # inside a Ray Tune trial: training reports to Tune
+    fingerprint: str = ""  # of the stage being run (names its Ray Train runs)
     results: dict[str, StageResult] = field(default_factory=dict)
     _kg: KnowledgeGraph | None = None
 
@@ -74,11 +75,15 @@ class Stage:
     run: Callable[[StageContext], dict]
     outputs_exist: Callable[[RunLayout, Config], bool]
     exclude: tuple[str, ...] = ()
-    help: str = ""
     artifacts: tuple[str, ...] = ()
 
 
 STAGES: dict[str, Stage] = {}
+
+# Keys that change how a training stage runs, not what it computes: never a reason to redo it.
+RUN_ONLY_KEYS = ("train.fail_at_step", "train.max_failures", "train.cpus_per_worker",
+                 "train.checkpoints_to_keep", "train.mlflow_uri", "images.num_cpus_per_task",
+                 "images.max_shard_bytes")
 
 
 def register(stage: Stage) -> Stage:
@@ -155,6 +160,9 @@ def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
             digests[name] = f"{digest}:{manifest.get('run_id', '')}"
             ctx.results[name] = StageResult(name, manifest, True, 0.0)
             continue
+        # Until it completes, the stage's outputs are no longer those of its old manifest.
+        layout.write_manifest(name, {"status": "running", "fingerprint": digest})
+        ctx.fingerprint = digest
         start = time.perf_counter()
         payload = stage.run(ctx)
         seconds = time.perf_counter() - start

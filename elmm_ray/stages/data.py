@@ -44,7 +44,6 @@ def _pack_done(layout: RunLayout, cfg: Config) -> bool:
 SYNTH = register(Stage(
     name="synth", reads=("dataset.name", "dataset.synth"), needs=lambda cfg: (),
     run=run_synth, outputs_exist=_synth_done,
-    help="generate the synthetic multimodal KG into <run_dir>/data",
     artifacts=("data",)))
 
 PACK = register(Stage(
@@ -52,5 +51,4 @@ PACK = register(Stage(
     reads=("dataset.path", "dataset.format", "dataset.image_root", "dataset.synth",
            "images.shard_dir", "images.max_shard_bytes", "images.min_side"),
     needs=data_stages, run=run_pack, outputs_exist=_pack_done,
-    help="read + validate every image once into Parquet shards (Ray Data)",
     artifacts=("shards",)))

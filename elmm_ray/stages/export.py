@@ -47,5 +47,4 @@ def eval_export(model_dir: str | Path, split: str = "", max_queries: int | None 
 
 EXPORT = register(Stage(
     name="export", reads=("eval",), needs=export_needs, run=run_export,
-    outputs_exist=lambda layout, cfg: (layout.export_dir / MARKER).is_file(),
-    help="the final model (LoRA merged) as a self-contained directory for eval / predict"))
+    outputs_exist=lambda layout, cfg: (layout.export_dir / MARKER).is_file()))

@@ -128,8 +128,10 @@ def run_entity_init(ctx: StageContext) -> dict:
 EXTRACT = register(Stage(
     name="extract",
     reads=("seed", "model", "images.max_images_per_entity", "images.feature_store"),
+    # what the language side does with the features does not change them
+    exclude=("model.temperature", "model.uncompressed", "model.entity_repr",
+             "model.entity_image_adapter", "model.max_text_tokens"),
     needs=lambda cfg: ("pack",), run=run_extract, outputs_exist=_extract_done,
-    help="image features of every packed image into the feature store (Ray Data)",
     artifacts=("features",)))
 
 ENTITY_INIT = register(Stage(
@@ -138,6 +140,4 @@ ENTITY_INIT = register(Stage(
            "images.max_images_per_entity"),
     needs=image_stage, run=run_entity_init,
     outputs_exist=lambda layout, cfg: layout.entity_init.is_file(),
-    help="every entity's text + MVTC tokens through the untrained model: the initial "
-         "entity table (Ray Data)",
     artifacts=("entity_init.safetensors", "tokenizer", "backbone")))

@@ -37,7 +37,7 @@ from elmm_ray.pruning.report import (
     write_report,
 )
 from elmm_ray.pruning.structured import original_prunable_parameters, prunable_parameters
-from elmm_ray.stages.base import Stage, StageContext, register
+from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, register
 from elmm_ray.stages.train import evaluate
 from elmm_ray.train.context import (
     ModelContext,
@@ -105,7 +105,8 @@ def deployment_copy(model: ELMM) -> ELMM:
 
 def prune_schedule(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
                    data: CalibrationData, *, out_prefix: str = STAGE,
-                   show_progress: bool = False, tune_trial: bool = False) -> dict:
+                   show_progress: bool = False, tune_trial: bool = False,
+                   run_tag: str = "") -> dict:
     """Prune ``ctx.model`` in place with ``cfg.prune`` (method, ratio, steps), fine-tuning
     after every round. Returns the rounds with metrics right after pruning (``pre_ft``)
     and after fine-tuning (``post_ft``) of the last round."""
@@ -124,7 +125,7 @@ def prune_schedule(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
         record["pre_ft"] = overall_metrics(evaluate(cfg, kg, ctx))
         if p.finetune_steps > 0:
             summary = finetune(ft_cfg, kg, ctx, f"{out_prefix}/finetune_{k}", show_progress,
-                               tune_trial)
+                               tune_trial, run_tag)
             record["post_ft"] = overall_metrics(evaluate(cfg, kg, ctx))
             # Per-step losses from the local loop; the Ray loop reports window means.
             losses = summary.get("losses") or [h["loss"] for h in summary["history"]]
@@ -144,7 +145,7 @@ def prune_schedule(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
 
 
 def finetune(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, out_subdir: str,
-             show_progress: bool, tune_trial: bool = False) -> dict:
+             show_progress: bool, tune_trial: bool = False, run_tag: str = "") -> dict:
     """Fine-tune the pruned (merged) ``ctx.model`` through the one training loop, keeping its
     entity table: in this process (``train.backend=local``), or on Ray Train workers, which
     load the pruned model saved under ``<out_subdir>/start`` and whose result is loaded
@@ -156,7 +157,7 @@ def finetune(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, out_subdir: str
     layout = RunLayout.of(cfg)
     start = save_pruned_model(ctx.model, layout.path(out_subdir, "start"))
     spec = LoopSpec(out_subdir=out_subdir, init_model=str(start),
-                    run_name=out_subdir.replace("/", "_"))
+                    run_name=out_subdir.replace("/", "_") + (f"-{run_tag}" if run_tag else ""))
     summary = train(cfg, kg, spec, tune_trial=tune_trial)
     prepare_finetune(ctx.model, cfg)
     load_trainable(ctx.model, layout.path(out_subdir, "model"))
@@ -213,7 +214,8 @@ def run_prune(stage: StageContext) -> dict:
     unpruned = deployment_copy(ctx.model)  # kept for interleaved timing
     data = calibration_data(cfg, kg, ctx)
     schedule = prune_schedule(cfg, kg, ctx, data, out_prefix=STAGE,
-                              show_progress=stage.show_progress, tune_trial=stage.tune_trial)
+                              show_progress=stage.show_progress, tune_trial=stage.tune_trial,
+                              run_tag=stage.fingerprint)
     measured = measure({"unpruned": unpruned, "pruned": ctx.model}, batches, base="unpruned")
     base, pruned = measured["unpruned"], measured["pruned"]
     del unpruned
@@ -265,8 +267,7 @@ def _retained(metrics: dict, base: dict) -> float | None:
 
 
 PRUNE = register(Stage(
-    name=STAGE, reads=("prune", "eval", "train", "lora"), exclude=("train.fail_at_step",),
+    name=STAGE, reads=("prune", "eval", "train", "lora"), exclude=RUN_ONLY_KEYS,
     needs=lambda cfg: ("train",), run=run_prune,
     outputs_exist=lambda layout, cfg: (layout.stage_dir(STAGE) / "prune_report.json").is_file()
-    and layout.pruned_model.is_dir(),
-    help="prune the trained model (prune.method, prune.ratio), fine-tune, report"))
+    and layout.pruned_model.is_dir()))

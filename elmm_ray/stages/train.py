@@ -7,8 +7,9 @@ from elmm_ray.config import Config
 from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.eval.report import write_metrics_json
 from elmm_ray.layout import RunLayout
-from elmm_ray.stages.base import Stage, StageContext, register
+from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, image_stage, register
 from elmm_ray.train.context import ModelContext, load_trained_context
+from elmm_ray.train.loop import LoopSpec
 from elmm_ray.train.trainer import train
 
 
@@ -26,7 +27,10 @@ def write_metrics(cfg: Config, metrics: dict):
 
 
 def run_train(ctx: StageContext) -> dict:
-    summary = train(ctx.cfg, ctx.kg, show_progress=ctx.show_progress,
+    # The Ray Train run is named by the fingerprint: the same command resumes it; a changed
+    # key starts a new run instead of resuming the old config's checkpoint.
+    spec = LoopSpec(run_name=f"train-{ctx.fingerprint}")
+    summary = train(ctx.cfg, ctx.kg, spec, show_progress=ctx.show_progress,
                     tune_trial=ctx.tune_trial)
     history = summary["history"]
     return {"backend": ctx.cfg.train.backend, "steps": summary["steps"],
@@ -40,11 +44,12 @@ def _trained(layout: RunLayout, cfg: Config) -> bool:
 
 
 def train_needs(cfg: Config) -> tuple[str, ...]:
-    """Ray Train workers read the entity-init table and the feature store; the local
-    backend computes what is missing in its own process, so it needs only the shards."""
-    if cfg.train.backend == "ray":
-        return ("entity_init",)
-    return ("pack",)
+    """Ray Train workers read the entity-init table (unless entity vectors are encodings
+    alone) and the feature store; the local backend computes both in its own process, so it
+    needs only the shards."""
+    if cfg.train.backend == "local":
+        return ("pack",)
+    return image_stage(cfg) if cfg.model.entity_repr == "encoder" else ("entity_init",)
 
 
 def run_eval(ctx: StageContext) -> dict:
@@ -59,12 +64,10 @@ def run_eval(ctx: StageContext) -> dict:
 TRAIN = register(Stage(
     name="train",
     reads=("seed", "dataset", "images", "model", "mvtc", "lora", "train", "deepspeed"),
-    exclude=("train.fail_at_step", "train.max_failures", "images.num_cpus_per_task"),
+    exclude=RUN_ONLY_KEYS,
     needs=train_needs, run=run_train, outputs_exist=_trained,
-    help="train (train.backend=ray: Ray Train + DeepSpeed; local: one process)",
     artifacts=("train", "tokenizer", "backbone")))
 
 EVAL = register(Stage(
     name="eval", reads=("eval",), needs=lambda cfg: ("train",), run=run_eval,
-    outputs_exist=lambda layout, cfg: layout.metrics_file(cfg.eval.split).is_file(),
-    help="filtered ranking of the trained model on eval.split"))
+    outputs_exist=lambda layout, cfg: layout.metrics_file(cfg.eval.split).is_file()))

@@ -96,7 +96,10 @@ def init_entity_table(ctx: ModelContext, batch_size: int, layout: RunLayout | No
 
 
 def prepare_context(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec) -> ModelContext:
-    """The model a run of ``spec`` starts from, ready to train."""
+    """The model a run of ``spec`` starts from, ready to train. Ray Train workers take the
+    entity table from the entity-init stage (the train stage depends on it); the local
+    backend computes it in-process (its train stage does not, so a file there may be
+    another config's)."""
     torch.manual_seed(cfg.train.seed)
     if spec.init_model:
         ctx = load_pruned_context(cfg, kg, Path(spec.init_model))
@@ -104,7 +107,8 @@ def prepare_context(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec) -> ModelCon
         return ctx
     ctx = build_context(cfg, kg)
     if ctx.model.entity_repr != "encoder":  # the encoder alone has no rows
-        init_entity_table(ctx, cfg.eval.batch_size, RunLayout.of(cfg))
+        layout = RunLayout.of(cfg) if cfg.train.backend == "ray" else None
+        init_entity_table(ctx, cfg.eval.batch_size, layout)
     return ctx
 
 
@@ -219,6 +223,9 @@ class RaySession:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.engine = engine
         self.resumed_state = None
+        # NCCL groups carry CUDA tensors only; gloo (CPU) takes CPU tensors.
+        nccl = torch.distributed.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as directory:
@@ -233,15 +240,16 @@ class RaySession:
 
     def agree_to_stop(self, stop: bool) -> bool:
         """Every rank stops at the same step (a time limit is measured per rank)."""
-        flag = torch.tensor([1.0 if stop else 0.0])
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every rank's equally shaped ``tensor``, concatenated in rank order (CPU/gloo)."""
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        torch.distributed.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        """Every rank's equally shaped ``tensor``, concatenated in rank order."""
+        local = tensor.contiguous().to(self.device or tensor.device)
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, local)
+        return torch.cat(parts).to(tensor.device)
 
 
 def refresh_entity_cache(ctx: ModelContext, batch_size: int, session) -> None:
@@ -320,6 +328,31 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     bar = tqdm(total=steps, initial=step, desc=out.name, dynamic_ncols=True,
                disable=progress != "bar" or rank != 0)
     lines = progress == "lines" and rank == 0
+
+    def validate(epoch: int, parts) -> None:
+        """Validation round: log, and report with the state a resume needs."""
+        nonlocal eval_seconds, window_start, window
+        eval_start = time.perf_counter()
+        val = evaluate_model(model, ctx.collator, ctx.features, kg, split="valid",
+                             batch_size=cfg.eval.batch_size, max_queries=tc.val_max_queries,
+                             ks=cfg.eval.hits_at)
+        eval_seconds += time.perf_counter() - eval_start
+        record = {"step": step, "epoch": epoch, "loss": float(np.mean(window)),
+                  "task_loss": parts.task, "knowledge_loss": parts.knowledge, "lr": engine.lr,
+                  "val_mrr": val["overall"]["mrr"], "val_hits1": val["overall"].get("hits@1"),
+                  "seconds": time.perf_counter() - start, "workers": world, **memory}
+        record["train_seconds"] = record["seconds"] - eval_seconds
+        history.append(record)
+        logger.log(record)
+        if not bar.disable:
+            bar.write(f"step {step}: loss {record['loss']:.4f}  val MRR {record['val_mrr']:.4f}")
+        window_start, window = time.perf_counter(), []
+        session.report(record, {
+            "data": batches.state_dict(), "generator": generator.get_state(), "step": step,
+            "history": json.dumps(history), "seconds": time.perf_counter() - start,
+            "eval_seconds": eval_seconds})
+
+    last = None
     refresh_every = tc.entity_refresh_every if model.encodes_entities else None
     if model.encodes_entities:
         refresh_entity_cache(ctx, cfg.eval.batch_size, session)
@@ -348,28 +381,11 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
             print(f"[{out.name}] step {step}/{steps} epoch {epoch} loss {np.mean(window):.4f} "
                   f"{rate:.1f} samples/s ETA {(steps - step) * samples_per_step / rate:.0f}s",
                   flush=True)
+        last = (epoch, parts)
         if step % eval_every == 0 or step == steps:
-            eval_start = time.perf_counter()
-            val = evaluate_model(model, ctx.collator, ctx.features, kg, split="valid",
-                                 batch_size=cfg.eval.batch_size,
-                                 max_queries=tc.val_max_queries, ks=cfg.eval.hits_at)
-            eval_seconds += time.perf_counter() - eval_start
-            record = {"step": step, "epoch": epoch, "loss": float(np.mean(window)),
-                      "task_loss": parts.task, "knowledge_loss": parts.knowledge,
-                      "lr": engine.lr, "val_mrr": val["overall"]["mrr"],
-                      "val_hits1": val["overall"]["hits@1"],
-                      "seconds": time.perf_counter() - start, "workers": world, **memory}
-            record["train_seconds"] = record["seconds"] - eval_seconds
-            history.append(record)
-            logger.log(record)
-            if not bar.disable:
-                bar.write(f"step {step}: loss {record['loss']:.4f}  val MRR "
-                          f"{record['val_mrr']:.4f}  val Hits@1 {record['val_hits1']:.4f}")
-            window_start, window = time.perf_counter(), []
-            session.report(record, {
-                "data": batches.state_dict(), "generator": generator.get_state(),
-                "step": step, "history": json.dumps(history),
-                "seconds": time.perf_counter() - start, "eval_seconds": eval_seconds})
+            validate(epoch, parts)
+    if last is not None and (not history or history[-1]["step"] != step):
+        validate(*last)  # stopped by train.max_minutes between validation rounds
     bar.close()
     seconds = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]

@@ -89,7 +89,9 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     out = RunLayout.of(cfg).path(spec.out_subdir)
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = out / "metrics.jsonl"
+    history = ([json.loads(line) for line in metrics.read_text().splitlines()]
+               if metrics.is_file() else [])
     return {"steps": history[-1]["step"] if history else 0,
             "train_seconds": history[-1]["seconds"] if history else 0.0,
             "history": history,

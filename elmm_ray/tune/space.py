@@ -16,7 +16,14 @@ from typing import Any
 
 import yaml
 
-from elmm_ray.config import Config, ConfigError, TuneConfig, build_config, config_to_dict
+from elmm_ray.config import (
+    Config,
+    ConfigError,
+    TuneConfig,
+    build_config,
+    config_to_dict,
+    key_info,
+)
 
 DISTRIBUTIONS = {
     "choice": ("values",),
@@ -88,6 +95,10 @@ def _param_problems(key: str, spec: object) -> list[str]:
         problems.append(f"`params.{key}`: `values` must be a non-empty list")
     if key.startswith(("run_dir", "tune.", "ray.")) or key == "seed":
         problems.append(f"`params.{key}`: {key} cannot be swept")
+    info = key_info(key)
+    if info is not None and info.kind is int and spec["type"] in ("uniform", "loguniform"):
+        problems.append(f"`params.{key}`: {key} is an integer; give `randint` or `choice`, "
+                        f"not {spec['type']} (it samples fractions)")
     return problems
 
 

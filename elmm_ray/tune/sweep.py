@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from elmm_ray.config import Config, config_to_dict, dump_config
-from elmm_ray.layout import RunLayout, absolute_paths
+from elmm_ray.config import Config, config_hash, config_to_dict, dump_config
+from elmm_ray.layout import RunLayout, absolute_paths, read_json, write_json_atomic
 from elmm_ray.pipeline import pipeline_stages
 from elmm_ray.ray_session import init_ray
 from elmm_ray.stages import run_stages
@@ -188,6 +188,23 @@ def format_results(rows: list[dict], keys: list[str], front: list[int]) -> str:
     return format_table(table, columns, title="sweep results (validation split)")
 
 
+def check_same_sweep(cfg: Config, space: SearchSpace) -> None:
+    """A sweep resumes only with the config and space it started with: its restored trials
+    carry the old ones (and link the shared run's outputs)."""
+    out = RunLayout.of(cfg).tune_dir
+    record = {"params": space.params, **space.tune}
+    digest = config_hash({"config": config_to_dict(cfg), "space": record})
+    stamp = out / "sweep.json"
+    if stamp.is_file() and (out / EXPERIMENT).exists():
+        started = read_json(stamp)["fingerprint"]
+        if started != digest:
+            raise ValueError(f"{out} holds a sweep of another config or space (fingerprint "
+                             f"{started}, now {digest}); give another run_dir, or delete "
+                             f"{out} to start this sweep afresh")
+    write_json_atomic(stamp, {"fingerprint": digest})
+    (out / "space.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+
+
 def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) -> SweepResult:
     """Run (or resume) the sweep of ``space`` over ``cfg``; see the module docstring."""
     cfg = absolute_paths(space.apply(cfg))
@@ -195,8 +212,7 @@ def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) ->
     shared, stages = split_stages(cfg, keys)
     layout = RunLayout.of(cfg)
     layout.tune_dir.mkdir(parents=True, exist_ok=True)
-    (layout.tune_dir / "space.yaml").write_text(yaml.safe_dump(
-        {"params": space.params, **space.tune}, sort_keys=False))
+    check_same_sweep(cfg, space)
     if shared:
         run_stages(shared, cfg, show_progress=show_progress)
     init_ray(cfg.ray)

@@ -23,6 +23,7 @@ from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import encode_queries
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.build import reads_images
+from elmm_ray.models.lora import merge_lora
 from elmm_ray.stages import STAGES, run_stages
 from elmm_ray.train.context import ModelContext, final_context
 
@@ -89,9 +90,10 @@ def peak_rss_mb() -> float:
 
 
 def cost_metrics(cfg: Config, kg: KnowledgeGraph) -> dict:
-    """Cost of the trial's final model (pruned when the trial pruned): visual tokens per
-    query, LLM parameters, query-encoding latency and peak memory."""
+    """Cost of the trial's final model as deployed (pruned when the trial pruned, LoRA
+    merged): visual tokens per query, LLM parameters, query-encoding latency, peak memory."""
     ctx = final_context(cfg, kg)
+    merge_lora(ctx.model)  # as deployed: adapters folded into the weights
     ctx.model.eval()
     llm = ctx.model.language_model
     tokens_per_image = int(ctx.features.feature_shape[0])
@@ -121,7 +123,8 @@ def run_trial(config: dict) -> None:
     results = run_stages(config["stages"], cfg, show_progress=False, tune_trial=True)
     history_file = layout.path("prune" if "prune" in results else "train", "metrics.jsonl")
     if "prune" in results:
-        rounds = sorted(layout.path("prune").glob("finetune_*/metrics.jsonl"))
+        rounds = sorted(layout.path("prune").glob("finetune_*/metrics.jsonl"),
+                        key=lambda p: int(p.parent.name.rsplit("_", 1)[1]))
         history_file = rounds[-1] if rounds else history_file
     lines = history_file.read_text().splitlines() if history_file.is_file() else []
     last = json.loads(lines[-1]) if lines else {}
