@@ -68,3 +68,13 @@ def test_every_pipeline_stage_is_registered_with_what_it_reads():
     assert plan("train", local) == ["synth", "pack", "train"]
     with pytest.raises(KeyError, match="unknown stage 'trian'"):
         plan("trian", cfg)
+
+
+def test_a_stage_linked_from_a_shared_run_is_never_run(tmp_path, toy_stages):
+    cfg = absolute_paths(load_config(None, [f"run_dir={tmp_path}"]))
+    with pytest.raises(RuntimeError, match="stage toy_a should be complete"):
+        run_stages(["toy_b"], cfg, must_be_complete=("toy_a",))
+    assert toy_stages == {"toy_a": 0, "toy_b": 0}
+    run_stages(["toy_a"], cfg)
+    run_stages(["toy_b"], cfg, must_be_complete=("toy_a",))  # complete: fine
+    assert toy_stages == {"toy_a": 1, "toy_b": 1}

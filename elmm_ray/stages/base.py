@@ -137,10 +137,12 @@ def stage_fingerprint(name: str, cfg: Config, digests: dict[str, str]) -> str:
 
 
 def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
-               kg: KnowledgeGraph | None = None, tune_trial: bool = False
-               ) -> dict[str, StageResult]:
+               kg: KnowledgeGraph | None = None, tune_trial: bool = False,
+               must_be_complete: tuple[str, ...] = ()) -> dict[str, StageResult]:
     """Run ``names`` and everything upstream of them, each at most once, skipping complete
-    stages. The resolved config is written into the run directory first."""
+    stages. The resolved config is written into the run directory first.
+    ``must_be_complete``: stages whose outputs are linked from elsewhere (a sweep's shared
+    run): refused rather than run, which would write through the links."""
     cfg = absolute_paths(cfg)
     layout = RunLayout.of(cfg)
     layout.write_config(cfg)
@@ -160,6 +162,10 @@ def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
             digests[name] = f"{digest}:{manifest.get('run_id', '')}"
             ctx.results[name] = StageResult(name, manifest, True, 0.0)
             continue
+        if name in must_be_complete:
+            raise RuntimeError(f"stage {name} should be complete in {layout.root} (its outputs "
+                               "are linked from a shared run) but is not: was the shared run "
+                               "changed after the sweep started?")
         # Until it completes, the stage's outputs are no longer those of its old manifest.
         layout.write_manifest(name, {"status": "running", "fingerprint": digest})
         ctx.fingerprint = digest

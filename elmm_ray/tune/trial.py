@@ -120,7 +120,8 @@ def run_trial(config: dict) -> None:
     layout = RunLayout.of(cfg)
     link_upstream(shared, layout, config["shared"])
     start = time.perf_counter()
-    results = run_stages(config["stages"], cfg, show_progress=False, tune_trial=True)
+    results = run_stages(config["stages"], cfg, show_progress=False, tune_trial=True,
+                         must_be_complete=tuple(config["shared"]))
     history_file = layout.path("prune" if "prune" in results else "train", "metrics.jsonl")
     if "prune" in results:
         rounds = sorted(layout.path("prune").glob("finetune_*/metrics.jsonl"),
