@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from elmm_ray import console
 from elmm_ray.config import Config, ConfigError, format_keys, json_schema, load_config
 from elmm_ray.data.kg import DatasetError, load_kg
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
@@ -21,11 +22,21 @@ log = logging.getLogger("elmm_ray")
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return absolute_paths(load_config(args.config, args.overrides))
+    return _run_logs(absolute_paths(load_config(args.config, args.overrides)))
+
+
+def _run_logs(cfg: Config) -> Config:
+    """Commands that work in a run directory log there (``<run_dir>/logs/``)."""
+    if console.attach_log_file(cfg.run_dir) is not None:
+        _STATE["run_dir"] = cfg.run_dir
+    return cfg
+
+
+_STATE: dict = {"run_dir": None}
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = absolute_paths(load_config(args.config, args.overrides))  # writes nothing
     print(f"{args.config}: OK (run_dir={cfg.run_dir}, dataset={cfg.dataset.name}, "
           f"backbone={cfg.model.backbone}, train.backend={cfg.train.backend})")
     return 0
@@ -123,7 +134,7 @@ def _config_or_run_dir(target: str, overrides: list[str]) -> Config:
         cfg = load_config(resolved, [f"run_dir={path}", *overrides])
     else:
         cfg = load_config(path, overrides)
-    return absolute_paths(cfg)
+    return _run_logs(absolute_paths(cfg))
 
 
 def print_metrics(metrics: dict, title: str) -> None:
@@ -300,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="elmm-ray",
         description="Train, compress and evaluate ELMM multimodal KG-completion models on Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything on the console: INFO logs, Ray's and the "
+                        "workers' output, library progress bars (otherwise they go to "
+                        "<run_dir>/logs/)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help: str):
@@ -377,10 +391,12 @@ def job_main(command: str, argv: list[str] | None = None) -> int:
         parser.add_argument("--space", required=True, help="search space YAML")
     args = parser.parse_args(argv)
     extra = ["--space", args.space] if command == "tune" else []
-    return main([command, args.config, *args.overrides, *extra])
+    return main([command, args.config, *args.overrides, *extra], whole_process=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, whole_process: bool | None = None) -> int:
+    """``whole_process`` (default: when reading ``sys.argv``): this command owns the
+    process, so native libraries' known console noise may be filtered out."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also follow options (`tune CONFIG --space S key=value`)
@@ -389,8 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose and (argv is None if whole_process is None else whole_process):
+        console.filter_native_stderr()
+    console.setup(args.verbose)
+    _STATE["run_dir"] = None
     try:
         return args.func(args)
     except (ConfigError, DatasetError, FileNotFoundError, KeyError, ValueError) as err:
@@ -398,6 +416,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _finish_logs()
+
+
+def _finish_logs() -> None:
+    """Copy the local Ray session's logs next to the run's own log and say where they are."""
+    run_dir = _STATE["run_dir"]
+    if run_dir is None:
+        return
+    logs = Path(run_dir) / "logs"
+    if "ray" in sys.modules:
+        from elmm_ray.ray_session import save_ray_logs
+
+        try:
+            save_ray_logs(logs / "ray")
+        except OSError as err:  # a full disk must not hide the command's own outcome
+            log.warning("could not copy Ray's logs to %s: %s", logs / "ray", err)
+    console.detach_log_file()
+    if logs.is_dir():
+        print(f"logs: {logs}", file=sys.stderr)
 
 
 if __name__ == "__main__":

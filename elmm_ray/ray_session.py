@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from pathlib import Path
 
+from elmm_ray import console
 from elmm_ray.config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -28,17 +31,67 @@ def init_ray(cfg: RayConfig | None = None, *, quiet: bool = True) -> None:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
+    console.quiet_libraries()  # Ray's console handler exists from `import ray` on
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS}}
     logging_level = logging.WARNING if quiet else logging.INFO
+    # Workers' output reaches the console only with -v; otherwise it stays in Ray's session
+    # logs, which save_ray_logs copies into the run directory.
+    log_to_driver = console.verbose()
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging_level)
-        return
-    kwargs: dict = dict(include_dashboard=cfg.include_dashboard, dashboard_host="127.0.0.1",
-                        _node_ip_address="127.0.0.1", runtime_env=runtime_env,
-                        logging_level=logging_level)
-    if cfg.num_cpus:
-        kwargs["num_cpus"] = cfg.num_cpus
-    ray.init(**kwargs)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging_level,
+                 log_to_driver=log_to_driver)
+    else:
+        kwargs: dict = dict(include_dashboard=cfg.include_dashboard,
+                            dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                            runtime_env=runtime_env, logging_level=logging_level,
+                            log_to_driver=log_to_driver)
+        if cfg.num_cpus:
+            kwargs["num_cpus"] = cfg.num_cpus
+        ray.init(**kwargs)
+    import ray.data  # noqa: F401  (installs its console handler, which console quiets)
+
+    console.quiet_libraries()
+    log.info("Ray session logs: %s", ray_logs_dir())
+
+
+def ray_logs_dir() -> Path | None:
+    """This process's Ray session log folder when the Ray node runs on this machine."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if not ray.is_initialized() or node is None:
+        return None
+    path = Path(node.get_logs_dir_path())
+    return path if path.is_dir() else None
+
+
+def save_ray_logs(dest: str | Path, max_file_bytes: int = 50 * 2**20) -> int:
+    """Copy the local Ray session's logs (workers, Ray Data, Train controller, raylet) into
+    ``dest``; files over ``max_file_bytes`` keep their last ``max_file_bytes``. Returns the
+    number of files copied (0 when Ray runs elsewhere: its logs stay on the cluster)."""
+    source = ray_logs_dir()
+    if source is None:
+        return 0
+    dest = Path(dest)
+    copied = 0
+    for path in source.rglob("*"):
+        if not path.is_file() or path.suffix not in (".log", ".out", ".err", ".txt"):
+            continue
+        target = dest / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            size = path.stat().st_size
+            if size <= max_file_bytes:
+                shutil.copyfile(path, target)
+            else:
+                with path.open("rb") as src, target.open("wb") as out:
+                    src.seek(size - max_file_bytes)
+                    out.write(src.read())
+        except OSError as err:  # a file Ray rotates or removes meanwhile
+            log.info("could not copy %s: %s", path, err)
+            continue
+        copied += 1
+    return copied

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # torch is imported where it is used: the writer tasks do without it
     pass
 
+from elmm_ray import console
 from elmm_ray.data.feature_store import (
     DEFAULT_PART_BYTES,
     FEATURE_DTYPE,
@@ -299,6 +300,8 @@ def extract_features(
             batch_size=batch_size, decode_cpus=decode_cpus, writer_cpus=writer_cpus,
             rows_per_part=rows_per_part, object_store_bytes=object_store_bytes,
             show_progress=show_progress)
+        progress = console.StageProgress("extract", int(todo.sum()), "images",
+                                         enabled=show_progress)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["part"])):
                 summary = {k: batch[k][i].item() if hasattr(batch[k][i], "item")
@@ -306,8 +309,11 @@ def extract_features(
                 this_run["parts"] += 1
                 this_run["done"] += summary["done"]
                 this_run["failed"] += summary["failed"]
+                progress.update(n=summary["done"] + summary["failed"],
+                                failed=this_run["failed"])
                 if on_part is not None:
                     on_part(summary)
+        progress.close()
     manifest = _finalize(loc, metadata, pack, images, this_run, time.perf_counter() - start)
     return ExtractResult(loc.uri, manifest, skipped=False)
 
@@ -334,7 +340,7 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
     ds = ray.data.read_parquet(files, columns=["entity", "entity_id", "image_index", "image"],
                                num_cpus=decode_cpus)
     ctx = ds.context  # this dataset's own copy of the DataContext
-    ctx.enable_progress_bars = show_progress
+    ctx.enable_progress_bars = show_progress and console.verbose()
     # Decoding runs ahead of the actors until Ray Data's object-store budget is full; a
     # budget of a few batches per actor keeps memory flat whatever the dataset size.
     feature_bytes = batch_size * geometry["tokens"] * geometry["width"] * 2

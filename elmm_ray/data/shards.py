@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from elmm_ray import console
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.layout import read_json, write_json_atomic
 
@@ -278,13 +279,19 @@ def _run_ray_pack(todo: list[dict], num_cpus: float, show_progress: bool) -> lis
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = show_progress
+    ctx.enable_progress_bars = show_progress and console.verbose()
     # One shard per block, so shards are packed in parallel.
     items = [{"shard": json.dumps(s)} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(lambda row: {"result": json.dumps(pack_shard(json.loads(row["shard"])))},
                 num_cpus=num_cpus)
-    return [json.loads(row["result"]) for row in ds.take_all()]
+    progress = console.StageProgress("pack", len(todo), "shards", enabled=show_progress)
+    results = []
+    for row in ds.iter_rows():
+        results.append(json.loads(row["result"]))
+        progress.update(n=1, images=sum(r["rows"] for r in results))
+    progress.close()
+    return results
 
 
 def read_manifest(shard_dir: str | Path) -> dict:

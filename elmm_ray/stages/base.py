@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from elmm_ray import console
 from elmm_ray.config import Config
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
@@ -76,6 +77,7 @@ class Stage:
     outputs_exist: Callable[[RunLayout, Config], bool]
     exclude: tuple[str, ...] = ()
     artifacts: tuple[str, ...] = ()
+    describe: Callable[[dict], str] | None = None  # one line on the console from the payload
 
 
 STAGES: dict[str, Stage] = {}
@@ -155,7 +157,8 @@ def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
         stage = STAGES[name]
         digest = stage_fingerprint(name, cfg, digests)
         if layout.is_complete(name, digest) and stage.outputs_exist(layout, cfg):
-            log.info("stage %s: complete (fingerprint %s); skipped", name, digest)
+            console.say(name, f"complete (fingerprint {digest}): skipped",
+                        enabled=ctx.show_progress)
             manifest = layout.read_manifest(name)
             # Downstream stages see which run of this stage they consume: an upstream stage
             # that runs again (its outputs were lost) makes its consumers run again too.
@@ -172,6 +175,9 @@ def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
         start = time.perf_counter()
         payload = stage.run(ctx)
         seconds = time.perf_counter() - start
+        summary = stage.describe(payload) if stage.describe else ""
+        console.say(name, f"done in {seconds:.1f} s" + (f": {summary}" if summary else ""),
+                    enabled=ctx.show_progress)
         manifest = {"status": "complete", "fingerprint": digest, "run_id": uuid.uuid4().hex,
                     "inputs": {n: digests[n] for n in stage.needs(cfg)},
                     "seconds": seconds, **payload}

@@ -43,6 +43,8 @@ def _pack_done(layout: RunLayout, cfg: Config) -> bool:
 
 SYNTH = register(Stage(
     name="synth", reads=("dataset.name", "dataset.synth"), needs=lambda cfg: (),
+    describe=lambda m: (f"{m['entities']:,} entities, {sum(m['triples'].values()):,} triples, "
+             f"{m['images_written']:,} images"),
     run=run_synth, outputs_exist=_synth_done,
     artifacts=("data",)))
 
@@ -50,5 +52,7 @@ PACK = register(Stage(
     name="pack",
     reads=("dataset.path", "dataset.format", "dataset.image_root", "dataset.synth",
            "images.shard_dir", "images.max_shard_bytes", "images.min_side"),
-    needs=data_stages, run=run_pack, outputs_exist=_pack_done,
+    needs=data_stages, run=run_pack,
+    describe=lambda m: f"{m['images_packed']:,} images packed, {m['images_bad']:,} bad",
+    outputs_exist=_pack_done,
     artifacts=("shards",)))

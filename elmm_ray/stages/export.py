@@ -47,4 +47,5 @@ def eval_export(model_dir: str | Path, split: str = "", max_queries: int | None 
 
 EXPORT = register(Stage(
     name="export", reads=("eval",), needs=export_needs, run=run_export,
+    describe=lambda m: m["out_dir"],
     outputs_exist=lambda layout, cfg: (layout.export_dir / MARKER).is_file()))

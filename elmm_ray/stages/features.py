@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from elmm_ray import console
 from elmm_ray.config import Config, config_from_dict, config_to_dict
 from elmm_ray.data.extraction import extract_features
 from elmm_ray.data.feature_store import MANIFEST as STORE_MANIFEST
@@ -82,7 +83,7 @@ def encode_entities_ray(cfg: Config, kg: Any, *, store: str | None, expect: dict
     batch_size = cfg.ray.data_batch_size
     blocks = max(1, min(-(-num // batch_size), 64))
     ds = ray.data.range(num, override_num_blocks=blocks)
-    ds.context.enable_progress_bars = show_progress
+    ds.context.enable_progress_bars = show_progress and console.verbose()
     ds = ds.map_batches(
         _EntityEncoder, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={
@@ -92,6 +93,7 @@ def encode_entities_ray(cfg: Config, kg: Any, *, store: str | None, expect: dict
         num_cpus=cfg.ray.data_actor_cpus, num_gpus=cfg.ray.data_actor_gpus)
     table: torch.Tensor | None = None
     seen = np.zeros(num, dtype=np.int64)
+    progress = console.StageProgress("entity_init", num, "entities", enabled=show_progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         entity = np.array(batch["entity"], dtype=np.int64)
         vectors = torch.from_numpy(np.array(batch["vector"], dtype=np.float32))
@@ -99,6 +101,8 @@ def encode_entities_ray(cfg: Config, kg: Any, *, store: str | None, expect: dict
             table = torch.zeros(num, vectors.shape[1], dtype=torch.float32)
         table[torch.from_numpy(entity)] = vectors
         np.add.at(seen, entity, 1)
+        progress.update(n=len(entity))
+    progress.close()
     if table is None or not (seen == 1).all():
         raise RuntimeError(f"entity encoding: {int((seen == 0).sum())} entities missing, "
                            f"{int((seen > 1).sum())} encoded more than once")
@@ -132,6 +136,9 @@ EXTRACT = register(Stage(
     exclude=("model.temperature", "model.uncompressed", "model.entity_repr",
              "model.entity_image_adapter", "model.max_text_tokens"),
     needs=lambda cfg: ("pack",), run=run_extract, outputs_exist=_extract_done,
+    describe=lambda m: (f"{m['counts']['done']:,} images in the store ({m['images_this_run']:,} "
+                        f"this run), {m['counts']['skipped']:,} skipped, "
+                        f"{m['counts']['failed']:,} failed"),
     artifacts=("features",)))
 
 ENTITY_INIT = register(Stage(
@@ -139,5 +146,6 @@ ENTITY_INIT = register(Stage(
     reads=("seed", "dataset", "model", "mvtc", "lora", "train.seed",
            "images.max_images_per_entity"),
     needs=image_stage, run=run_entity_init,
+    describe=lambda m: f"{m['entities']:,} entities x {m['embed_dim']}",
     outputs_exist=lambda layout, cfg: layout.entity_init.is_file(),
     artifacts=("entity_init.safetensors", "tokenizer", "backbone")))

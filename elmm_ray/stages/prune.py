@@ -153,12 +153,13 @@ def finetune(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, out_subdir: str
     if cfg.train.backend == "local":
         prepare_finetune(ctx.model, cfg)
         return train(cfg, kg, LoopSpec(out_subdir=out_subdir), ctx, show_progress=show_progress,
-                     tune_trial=tune_trial)
+                     tune_trial=tune_trial, stage="prune")
     layout = RunLayout.of(cfg)
     start = save_pruned_model(ctx.model, layout.path(out_subdir, "start"))
     spec = LoopSpec(out_subdir=out_subdir, init_model=str(start),
                     run_name=out_subdir.replace("/", "_") + (f"-{run_tag}" if run_tag else ""))
-    summary = train(cfg, kg, spec, tune_trial=tune_trial)
+    summary = train(cfg, kg, spec, show_progress=show_progress, tune_trial=tune_trial,
+                    stage="prune")
     prepare_finetune(ctx.model, cfg)
     load_trainable(ctx.model, layout.path(out_subdir, "model"))
     return summary
@@ -269,5 +270,6 @@ def _retained(metrics: dict, base: dict) -> float | None:
 PRUNE = register(Stage(
     name=STAGE, reads=("prune", "eval", "train", "lora"), exclude=RUN_ONLY_KEYS,
     needs=lambda cfg: ("train",), run=run_prune,
+    describe=lambda m: f"{m['method']} {m['ratio']:g}: report {m['report']}",
     outputs_exist=lambda layout, cfg: (layout.stage_dir(STAGE) / "prune_report.json").is_file()
     and layout.pruned_model.is_dir()))

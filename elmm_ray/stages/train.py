@@ -66,8 +66,12 @@ TRAIN = register(Stage(
     reads=("seed", "dataset", "images", "model", "mvtc", "lora", "train", "deepspeed"),
     exclude=RUN_ONLY_KEYS,
     needs=train_needs, run=run_train, outputs_exist=_trained,
+    describe=lambda m: (f"{m['steps']:,} steps ({m['train_seconds']:.1f} s of training), "
+                        f"best val MRR {m['best_val_mrr'] or 0:.4f}"),
     artifacts=("train", "tokenizer", "backbone")))
 
 EVAL = register(Stage(
     name="eval", reads=("eval",), needs=lambda cfg: ("train",), run=run_eval,
+    describe=lambda m: (f"{m['split']} MRR {m['overall']['mrr']:.4f} over "
+                        f"{m['num_queries']:,} queries"),
     outputs_exist=lambda layout, cfg: layout.metrics_file(cfg.eval.split).is_file()))

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from elmm_ray.config import Config, config_from_dict
+from elmm_ray.console import LoopProgress
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model
@@ -298,11 +298,13 @@ def _maybe_inject_fault(cfg: Config, rank: int, step: int, out: Path) -> None:
 
 
 def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.ndarray,
-             engine, session, out: Path, *, progress: str = "none", gather=None) -> dict:
+             engine, session, out: Path, *, progress: Callable[[dict], None] | None = None,
+             gather=None) -> dict:
     """Train ``ctx.model`` on ``queries`` with ``engine``; validate every
     ``train.eval_every`` steps (default: each epoch) and report through ``session``; save
     the trainable weights to ``<out>/model``. Returns steps, seconds, losses, history.
-    ``progress``: ``bar`` (tqdm), ``lines`` (a log line every 5% on rank 0) or ``none``;
+    ``progress``: called on rank 0 after every step and validation round with
+    ``{step, steps, epoch, loss | val_mrr}`` (the console's progress, or a Ray queue);
     ``gather``: a context manager that gathers partitioned parameters for the final save
     (ZeRO-3)."""
     tc, model = cfg.train, ctx.model
@@ -324,14 +326,12 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     start = time.perf_counter() - seconds_before
     memory: dict = {}
     losses: list[float] = []
-    window_start, window = time.perf_counter(), []
-    bar = tqdm(total=steps, initial=step, desc=out.name, dynamic_ncols=True,
-               disable=progress != "bar" or rank != 0)
-    lines = progress == "lines" and rank == 0
+    window = []
+    show = progress if rank == 0 else None
 
     def validate(epoch: int, parts) -> None:
         """Validation round: log, and report with the state a resume needs."""
-        nonlocal eval_seconds, window_start, window
+        nonlocal eval_seconds, window
         eval_start = time.perf_counter()
         val = evaluate_model(model, ctx.collator, ctx.features, kg, split="valid",
                              batch_size=cfg.eval.batch_size, max_queries=tc.val_max_queries,
@@ -344,9 +344,9 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         record["train_seconds"] = record["seconds"] - eval_seconds
         history.append(record)
         logger.log(record)
-        if not bar.disable:
-            bar.write(f"step {step}: loss {record['loss']:.4f}  val MRR {record['val_mrr']:.4f}")
-        window_start, window = time.perf_counter(), []
+        if show:
+            show({"step": step, "steps": steps, "epoch": epoch, "val_mrr": record["val_mrr"]})
+        window = []
         session.report(record, {
             "data": batches.state_dict(), "generator": generator.get_state(), "step": step,
             "history": json.dumps(history), "seconds": time.perf_counter() - start,
@@ -374,19 +374,15 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
             refresh_entity_cache(ctx, cfg.eval.batch_size, session)
         losses.append(float(parts.loss.detach()))
         window.append(losses[-1])
-        bar.update(1)
-        bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
-        if lines and (step % max(1, steps // 20) == 0 or step == steps):
-            rate = len(window) * samples_per_step / max(time.perf_counter() - window_start, 1e-9)
-            print(f"[{out.name}] step {step}/{steps} epoch {epoch} loss {np.mean(window):.4f} "
-                  f"{rate:.1f} samples/s ETA {(steps - step) * samples_per_step / rate:.0f}s",
-                  flush=True)
+        if show:
+            show({"step": step, "steps": steps, "epoch": epoch, "loss": float(np.mean(window)),
+                  "samples_per_s": samples_per_step * step / max(
+                      time.perf_counter() - start - eval_seconds, 1e-9)})
         last = (epoch, parts)
         if step % eval_every == 0 or step == steps:
             validate(epoch, parts)
     if last is not None and (not history or history[-1]["step"] != step):
         validate(*last)  # stopped by train.max_minutes between validation rounds
-    bar.close()
     seconds = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
     with gather(params) if gather else contextlib.nullcontext():
@@ -399,7 +395,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
 
 def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
                 ctx: ModelContext | None = None, *, show_progress: bool = True,
-                report: Callable[[dict], None] | None = None) -> dict:
+                report: Callable[[dict], None] | None = None,
+                stage: str = "train") -> dict:
     """The local backend: the loop in this process with a :class:`TorchEngine`. Given
     ``ctx`` (e.g. a pruned model being fine-tuned in place) it trains that model and keeps
     its entity table. Writes ``<run_dir>/<spec.out_subdir>/{model/, summary.json, ...}``;
@@ -413,11 +410,13 @@ def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     # A fixed thread count: the same config gives the same figures in any process.
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.train.threads_per_worker)
+    progress = LoopProgress(stage, enabled=show_progress)
     try:
         summary = run_loop(cfg, kg, ctx, queries, TorchEngine(params, cfg, steps),
-                           LocalSession(report), out, progress="bar" if show_progress else "none")
+                           LocalSession(report), out, progress=progress)
     finally:
         torch.set_num_threads(threads)
+        progress.close()
     write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -460,5 +459,23 @@ def train_loop_per_worker(config: dict) -> None:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3)
 
     out = RunLayout.of(cfg).path(spec.out_subdir)
+    sink = config.get("progress")
     run_loop(cfg, kg, ctx, queries, DeepSpeedEngine(engine, scheduler), RaySession(engine),
-             out, progress="lines", gather=gather)
+             out, progress=QueueProgress(sink) if sink is not None else None, gather=gather)
+
+
+class QueueProgress:
+    """Rank 0's progress records into the driver's ``ray.util.queue.Queue``: at most one a
+    second (validation rounds and the last step always), never blocking training."""
+
+    def __init__(self, queue, interval_s: float = 1.0) -> None:
+        self.queue, self.interval_s, self.last = queue, interval_s, 0.0
+
+    def __call__(self, record: dict) -> None:
+        now = time.perf_counter()
+        if ("val_mrr" not in record and record["step"] < record["steps"]
+                and now - self.last < self.interval_s):
+            return
+        self.last = now
+        with contextlib.suppress(Exception):  # a full or gone queue must not stop training
+            self.queue.put_nowait(record)

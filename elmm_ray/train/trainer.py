@@ -8,11 +8,14 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import threading
 
 from elmm_ray.config import Config, config_to_dict
+from elmm_ray.console import LoopProgress
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.layout import RunLayout, absolute_paths
 from elmm_ray.ray_session import init_ray
@@ -23,9 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
-                  tune_trial: bool = False):
+                  tune_trial: bool = False, progress_queue=None):
     """A ``TorchTrainer`` for ``cfg`` and ``spec`` (Ray must be initialised); inside a Ray
-    Tune trial (``tune_trial``) every report also reaches Tune."""
+    Tune trial (``tune_trial``) every report also reaches Tune; rank 0 puts its progress
+    records into ``progress_queue`` (a ``ray.util.queue.Queue``) when one is given."""
     import ray.data
     from ray.train import (
         CheckpointConfig,
@@ -54,7 +58,8 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
         env_vars["DS_ACCELERATOR"] = "cpu"
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": config_to_dict(cfg), "spec": dataclasses.asdict(spec)},
+        train_loop_config={"cfg": config_to_dict(cfg), "spec": dataclasses.asdict(spec),
+                           "progress": progress_queue},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
@@ -82,10 +87,14 @@ def _tune_callbacks() -> list:
 
 
 def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
-              tune_trial: bool = False) -> dict:
-    """Train on Ray; returns a summary with the run's metrics history."""
+              tune_trial: bool = False, *, show_progress: bool = True,
+              stage: str = "train") -> dict:
+    """Train on Ray; returns a summary with the run's metrics history. With
+    ``show_progress`` the driver shows rank 0's progress (sent through a Ray queue, so it
+    works whatever node rank 0 runs on)."""
     init_ray(cfg.ray)
-    result = build_trainer(cfg, kg, spec, tune_trial).fit()
+    with driver_progress(stage, show_progress and not tune_trial) as queue:
+        result = build_trainer(cfg, kg, spec, tune_trial, queue).fit()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     out = RunLayout.of(cfg).path(spec.out_subdir)
@@ -100,8 +109,45 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
                                  for c, m in (result.best_checkpoints or [])]}
 
 
+@contextlib.contextmanager
+def driver_progress(stage: str, enabled: bool = True, progress=None):
+    """A queue for rank 0's progress records and a driver thread handing them to
+    ``progress`` (default: the console's :class:`LoopProgress`); drained before exit."""
+    if not enabled:
+        yield None
+        return
+    import ray
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    progress = progress or LoopProgress(stage)
+    done = threading.Event()
+
+    def show() -> None:
+        while True:
+            try:
+                progress(queue.get(timeout=0.5))
+            except Empty:
+                if done.is_set():
+                    return
+            except Exception:  # the queue actor is gone: nothing more to show
+                return
+
+    thread = threading.Thread(target=show, name="train-progress", daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        if hasattr(progress, "close"):
+            progress.close()
+        with contextlib.suppress(Exception):
+            ray.kill(queue.actor)
+
+
 def train(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(), ctx=None, *,
-          show_progress: bool = True, tune_trial: bool = False) -> dict:
+          show_progress: bool = True, tune_trial: bool = False, stage: str = "train") -> dict:
     """Train with ``train.backend``: the one loop in this process (``local``) or on Ray Train
     workers (``ray``). ``ctx`` (local only) trains an existing in-memory model;
     ``tune_trial``: every validation record is also reported to Ray Tune."""
@@ -111,8 +157,9 @@ def train(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(), ctx=None
             from ray import tune
 
             report = tune.report
-        return train_local(cfg, kg, spec, ctx, show_progress=show_progress, report=report)
+        return train_local(cfg, kg, spec, ctx, show_progress=show_progress, report=report,
+                           stage=stage)
     if ctx is not None:
         raise ValueError("train.backend=ray builds the model on the workers; save it and "
                          "pass LoopSpec(init_model=...) instead of an in-memory context")
-    return train_ray(cfg, kg, spec, tune_trial)
+    return train_ray(cfg, kg, spec, tune_trial, show_progress=show_progress, stage=stage)

@@ -1,0 +1,111 @@
+"""The console: short and clean through a pipe, full logs in the run directory, progress
+from Ray Train's rank 0 reaching the driver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from elmm_ray import console
+from tests.tiny import TINY_DATA, TINY_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What a user must never see again on the console (issue 14's list).
+NOISE = ("State API", "PlacementGroupCleaner", "core_worker.cc", "constructor arguments",
+         "Token authentication", "Checkpoint successfully created", "Reporting training result",
+         "logging_progress", "Running Dataset", "Loading weights", "Writing model shards",
+         "Setting accelerator", "RayTrainWorker", "TrainController")
+
+
+def test_stage_progress_prints_lines_when_not_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(console, "LINE_INTERVAL_S", 0.0)
+    progress = console.StageProgress("extract", 10, "images")
+    progress.update(n=4, failed=0)
+    progress.update(n=6, failed=1)  # the last one: the stage runner says how it ended
+    progress.close()
+    silent = console.StageProgress("extract", 10, "images", enabled=False)
+    silent.update(n=10)
+    silent.close("done")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("[extract] 4/10 images (40%), ETA ")
+    assert lines[0].endswith("failed 0")
+
+
+def test_noise_is_kept_off_the_console_and_in_the_log_file(tmp_path, capsys):
+    import logging
+
+    console.setup(verbose=False)
+    path = console.attach_log_file(tmp_path)
+    try:
+        logging.getLogger("ray").warning("Token authentication is enabled for this Ray "
+                                         "cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        logging.getLogger("elmm_ray.x").warning("a warning that matters")
+        logging.getLogger("elmm_ray.x").info("detail for the log file")
+    finally:
+        console.detach_log_file()
+    err = capsys.readouterr().err
+    assert "warning: a warning that matters" in err
+    assert "Token authentication" not in err and "detail for the log file" not in err
+    text = path.read_text()
+    assert "a warning that matters" in text and "detail for the log file" in text
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_driver_receives_rank0_progress_through_the_queue(ray_session):
+    import ray
+
+    from elmm_ray.train.loop import QueueProgress
+    from elmm_ray.train.trainer import driver_progress
+
+    @ray.remote(num_cpus=0)
+    def rank0(queue) -> None:
+        show = QueueProgress(queue, interval_s=3600.0)
+        for step in range(1, 6):  # throttled: only the first, validation and last pass
+            show({"step": step, "steps": 5, "epoch": 0, "loss": 1.0 / step})
+        show({"step": 5, "steps": 5, "epoch": 0, "val_mrr": 0.5})
+
+    records: list[dict] = []
+    with driver_progress("train", progress=records.append) as queue:
+        ray.get(rank0.remote(queue))
+    assert [r["step"] for r in records] == [1, 5, 5]
+    assert records[-1]["val_mrr"] == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_run_through_a_pipe_is_short_and_clean(tmp_path):
+    """`elmm-ray run` of the tiny config on Ray (Ray Data stages, Ray Train), output to a
+    pipe: no library noise, no duplicated line, at most ~60 lines; the logs are in the run
+    directory."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", ELMM_PROGRESS_INTERVAL="15")
+    cmd = [sys.executable, "-m", "elmm_ray.cli", "run", str(REPO / "configs/demo.yaml"),
+           f"run_dir={run_dir}", *TINY_DATA, *TINY_MODEL, "train.backend=ray",
+           "train.num_workers=1", "train.cpus_per_worker=1", "train.epochs=1",
+           "train.batch_size=16", "ray.num_cpus=2"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=tmp_path, timeout=560)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:]
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) <= 60, out
+    noisy = [line for line in lines if any(n in line for n in NOISE)]
+    assert not noisy, noisy
+    assert len(set(lines)) == len(lines), [x for x in lines if lines.count(x) > 1]
+    for stage in ("pack", "extract", "entity_init", "train", "eval", "export"):
+        assert any(line.startswith(f"[{stage}] done in") for line in lines), (stage, out)
+    assert "results (test, filtered, both directions)" in out
+    logs = run_dir / "logs"
+    assert f"logs: {logs}" in out
+    assert "[train] done in" in (logs / console.LOG_FILE).read_text()
+    worker_logs = list((logs / "ray").glob("worker-*.out"))
+    assert worker_logs, "the workers' output was not kept in the run directory"
