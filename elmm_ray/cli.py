@@ -189,7 +189,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     m = run_stage("extract", _config(args)).manifest
     print_rows(m["summary_rows"], f"feature store {m['store']}")
-    failed = m["failed_images"]
+    failed = m.get("failed_images", [])  # none from precomputed embeddings
     for item in failed[:20]:
         print(f"  failed: {item['entity_id']} image {item['image_index']}: {item['reason']}")
     if len(failed) > 20:

@@ -188,7 +188,13 @@ def load_export(path: str | Path) -> ExportedModel:
     entity_rows, relation_rows = _read_tsv(path / "entities.tsv"), _read_tsv(path / "relations.tsv")
     entities, names, prompts = (list(col) for col in zip(*entity_rows))
     relations, texts = (list(col) for col in zip(*relation_rows))
-    model = build_elmm(cfg, num_entities=len(entities), tokenizer=tokenizer)
+    if meta.get("features"):
+        blob = load_file(str(path / meta["features"]))
+        features = FeatureBank(blob["features"], blob["mask"])
+    else:
+        features = FeatureStore.open(meta["feature_store"])
+    model = build_elmm(cfg, num_entities=len(entities), tokenizer=tokenizer,
+                       feature_width=int(features.feature_shape[1]))
     state = load_file(str(path / "elmm.safetensors"))
     entity_vectors = state.pop("entity_vectors")
     modules = model.always_trainable()
@@ -201,11 +207,6 @@ def load_export(path: str | Path) -> ExportedModel:
         if missing or unexpected:
             raise ValueError(f"{path}/elmm.safetensors does not fit the model's {name}: "
                              f"missing {missing}, unexpected {unexpected}")
-    if meta.get("features"):
-        blob = load_file(str(path / meta["features"]))
-        features = FeatureBank(blob["features"], blob["mask"])
-    else:
-        features = FeatureStore.open(meta["feature_store"])
     model.entity_table.set_visual_summary(*features.features_for(torch.arange(len(entities))))
     collator = QueryCollator(tokenizer, prompts, texts, len(relations), cfg.model.max_text_tokens)
     model.eval()

@@ -52,8 +52,12 @@ def absolute_paths(cfg: Config) -> Config:
     directory), so that Ray workers, whose working directory differs, see the same files."""
     return dataclasses.replace(
         cfg, run_dir=_absolute(cfg.run_dir),
-        dataset=dataclasses.replace(cfg.dataset, path=_absolute(cfg.dataset.path),
-                                    image_root=_absolute(cfg.dataset.image_root)),
+        dataset=dataclasses.replace(
+            cfg.dataset, path=_absolute(cfg.dataset.path),
+            image_root=_absolute(cfg.dataset.image_root),
+            visual_embeddings=dataclasses.replace(
+                cfg.dataset.visual_embeddings, path=_absolute(cfg.dataset.visual_embeddings.path),
+                ids=_absolute(cfg.dataset.visual_embeddings.ids))),
         images=dataclasses.replace(cfg.images, shard_dir=_absolute(cfg.images.shard_dir),
                                    feature_store=_absolute(cfg.images.feature_store)),
     )

@@ -14,7 +14,8 @@ from elmm_ray.stages.base import data_stages, image_stage
 def pipeline_stages(cfg: Config) -> list[str]:
     """The stages ``elmm-ray run`` chains for ``cfg``."""
     images = ["extract"] if "extract" in image_stage(cfg) else []
-    stages = [*data_stages(cfg), "pack", *images]
+    pack = [] if cfg.dataset.visual_embeddings.path else ["pack"]  # no images to pack
+    stages = [*data_stages(cfg), *pack, *images]
     if "entity_init" in plan("train", cfg):  # Ray Train workers read the initial table
         stages.append("entity_init")
     stages += ["train", "eval"]

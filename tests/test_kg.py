@@ -187,3 +187,85 @@ def test_cli_stats_prints_counts(capsys):
     out = capsys.readouterr().out
     for figure in ("14,541", "237", "272,115", "17,535", "20,466"):
         assert figure in out
+
+
+# ---------------------------------------------------------------------------- MyGO / NativE
+
+MYGO_TINY = Path(__file__).parent / "data" / "mygo_db15k_tiny"
+
+
+def _openke_as_mygo(src: Path, out: Path) -> Path:
+    """DB15K's OpenKE files rewritten in the MyGO release layout: names are the OpenKE ids,
+    triples ``h<TAB>r<TAB>t`` (OpenKE has ``h t r``)."""
+    out.mkdir()
+    n_ent = int((src / "entity2id.txt").read_text().split("\n", 1)[0])
+    n_rel = int((src / "relation2id.txt").read_text().split("\n", 1)[0])
+    (out / "entities.txt").write_text("".join(f"{i}\n" for i in range(n_ent)))
+    (out / "relations.txt").write_text("".join(f"{i}\n" for i in range(n_rel)))
+    for split in ("train", "valid", "test"):
+        rows = (src / f"{split}2id.txt").read_text().splitlines()[1:]
+        (out / f"{split}.txt").write_text("".join(
+            "{0}\t{2}\t{1}\n".format(*row.split()) for row in rows if row.strip()))
+    return out
+
+
+def test_mygo_layout_loads_the_same_triples_as_openke(tmp_path):
+    src = shared_dataset("DB15K")
+    mygo = _openke_as_mygo(src, tmp_path / "DB15K")
+    assert detect_format(mygo) == "mygo" and detect_format(src) == "openke"
+    a, b = load_kg(src), load_kg(mygo)
+    assert (b.num_entities, b.num_relations) == EXPECTED["DB15K"][:2]
+    for split in ("train", "valid", "test"):
+        np.testing.assert_array_equal(a.triples[split], b.triples[split])
+    assert b.report.duplicate_triples == a.report.duplicate_triples
+    fa, fb = a.filter_index(), b.filter_index()
+    np.testing.assert_array_equal(fa.keys, fb.keys)
+    np.testing.assert_array_equal(fa.answers, fb.answers)
+
+
+def test_mygo_fixture_counts_and_readable_names():
+    kg = load_kg(MYGO_TINY)
+    assert detect_format(MYGO_TINY) == "mygo"
+    assert (kg.num_entities, kg.num_relations) == (60, 22)
+    assert {s: len(t) for s, t in kg.triples.items()} == {"train": 132, "valid": 29, "test": 17}
+    assert kg.entities[:2] == ["1", "4"]  # the release's names: the OpenKE ids
+    assert kg.entity_names[1] == "United States"  # from the URI in entity2id.txt
+    assert kg.has_text.all()
+    assert "country" in kg.relation_texts  # <http://dbpedia.org/ontology/country>
+    assert kg.report.duplicate_triples == {"valid": 6}  # e.g. "136 0 136" three times
+
+
+def _write_mygo(root: Path, train="a\tr\tb\nb\tr\tc\n", ents="a\nb\nc\n") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "entities.txt").write_text(ents)
+    (root / "relations.txt").write_text("r\ns\n")
+    (root / "train.txt").write_text(train)
+    (root / "valid.txt").write_text("a\ts\tc\n")
+    (root / "test.txt").write_text("")
+    return root
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"train": "a\tr\tb\na r c\n"}, r"train.txt:2: expected 'head<TAB>relation<TAB>tail'"),
+    ({"train": "a\tr\tb\na\tr\tb\tc\n"}, r"train.txt:2: expected"),
+    ({"train": "a\tr\tb\n\na\tr\tzz\n"}, r"train.txt:3: unknown entity 'zz' \(not in entities"),
+    ({"train": "a\tq\tb\n"}, r"train.txt:1: unknown relation 'q' \(not in relations.txt\)"),
+    ({"ents": "a\nb\na\n"}, r"entities.txt:3: 'a' appears twice \(first at line 1\)"),
+    ({"ents": "a\n\nb\nc\n"}, r"entities.txt:2: blank line"),
+])
+def test_mygo_malformed_lines_name_file_and_line(tmp_path, kwargs, expected):
+    with pytest.raises(DatasetError, match=expected):
+        load_kg(_write_mygo(tmp_path, **kwargs))
+
+
+def test_mygo_small_and_no_layout_error_lists_each_layout(tmp_path):
+    kg = load_kg(_write_mygo(tmp_path / "ds", ents="a\nb\nc\nd\n\n"))  # trailing blank: fine
+    assert kg.entities == ["a", "b", "c", "d"] and kg.num_relations == 2
+    assert kg.triples["valid"].tolist() == [[0, 1, 2]] and kg.triples["test"].shape == (0, 3)
+    assert not kg.has_text.any() and kg.report.warnings  # names stand in for text: reported
+    (tmp_path / "none").mkdir()
+    with pytest.raises(DatasetError) as err:
+        load_kg(tmp_path / "none")
+    for needed in ("mkgformer: entity2text.txt", "openke: entity2id.txt",
+                   "mygo: entities.txt, relations.txt, train.txt"):
+        assert needed in str(err.value)

@@ -82,9 +82,56 @@ class SynthConfig:
         return self
 
 
+EMBEDDING_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
+
+
+@dataclass(config=SECTION)
+class VisualEmbeddingsConfig:
+    """Precomputed per-entity visual embeddings that replace images (as MMKG releases such
+    as NativE ship them): the extract stage writes the feature store from this file
+    instead of running the vision tower."""
+
+    path: OptStr = Field(
+        None, description="per-entity embedding file (.npy, .npz, .safetensors, .pt/.pth "
+        "read with torch.load(weights_only=True)); shape [entities, dim], [entities, "
+        "n_images, dim] or [entities, n_tokens, dim]; null: images are used"
+    )
+    key: OptStr = Field(
+        None, description="the array's name in a file holding several (.npz, "
+        ".safetensors, a dict in .pt); null: the file's only array"
+    )
+    ids: OptStr = Field(
+        None, description="optional text file naming the entity of each row, one name per "
+        "line; null: rows are in the dataset's entity order (their count must match)"
+    )
+    axis: Literal["images", "tokens"] = Field(
+        "images", description="what the middle axis of a 3-D array holds: one vector per "
+        "image (each an image slot, first images.max_images_per_entity kept) or the "
+        "tokens of one entity (one image slot of n_tokens tokens)"
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> VisualEmbeddingsConfig:
+        if self.path is None:
+            return self
+        suffix = "." + self.path.rsplit(".", 1)[-1].lower() if "." in self.path else ""
+        if suffix in (".pkl", ".pickle"):
+            _raise_problems([
+                f"`dataset.visual_embeddings.path` = {self.path!r} is a pickle, which is "
+                "never loaded (it can run code); convert it once in the environment that "
+                "made it, e.g. numpy.save('visual.npy', numpy.asarray(obj, dtype='float32')) "
+                "with an ids file for a dict, and set this key to the .npy"])
+        if suffix not in EMBEDDING_SUFFIXES:
+            _raise_problems([f"`dataset.visual_embeddings.path` = {self.path!r}: unknown "
+                             f"file type {suffix or '(none)'!r}; use one of "
+                             f"{', '.join(EMBEDDING_SUFFIXES)}"])
+        return self
+
+
 @dataclass(config=SECTION)
 class DatasetConfig:
-    """The dataset: a folder in MKGformer or OpenKE layout, or a generated synthetic one."""
+    """The dataset: a folder in MKGformer, OpenKE or MyGO/NativE layout, or a generated
+    synthetic one."""
 
     name: Str = Field(
         "synthetic", description="dataset label; 'synthetic' generates one into the run dir"
@@ -92,7 +139,10 @@ class DatasetConfig:
     path: OptStr = Field(
         None, description="dataset folder; null with name=synthetic means <run_dir>/data"
     )
-    format: Literal["auto", "mkgformer", "openke"] = Field("auto", description="file layout")
+    format: Literal["auto", "mkgformer", "openke", "mygo"] = Field(
+        "auto", description="file layout; auto: train.tsv -> mkgformer, train2id.txt -> "
+        "openke, train.txt -> mygo (MyGO/NativE)"
+    )
     image_root: OptStr = Field(
         None, description="folder of per-entity image folders; null: <path>/images"
     )
@@ -101,6 +151,9 @@ class DatasetConfig:
     )
     synth: SynthConfig = Field(default_factory=SynthConfig,
                                description="the synthetic KG generator")
+    visual_embeddings: VisualEmbeddingsConfig = Field(
+        default_factory=VisualEmbeddingsConfig,
+        description="precomputed per-entity visual embeddings instead of images")
 
     @model_validator(mode="after")
     def _rules(self) -> DatasetConfig:

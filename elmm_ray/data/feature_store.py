@@ -260,8 +260,22 @@ def store_fingerprint(metadata: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def embeddings_identity(path: str, key: str | None, ids: str | None, axis: str,
+                        max_images: int) -> dict:
+    """The metadata fields that tie a store written from precomputed embeddings
+    (:mod:`elmm_ray.data.embeddings`) to the config that asked for it."""
+    return {"source": "embeddings", "embeddings_file": str(path), "embeddings_key": key,
+            "embeddings_ids": ids, "embeddings_axis": axis,
+            "embeddings_max_images": int(max_images)}
+
+
 def expected_metadata(cfg: Any, source: str, *, check_weights: bool = True) -> dict:
-    """What a model of ``cfg`` over backbone ``source`` needs from a feature store."""
+    """What a model of ``cfg`` over backbone ``source`` needs from a feature store (for
+    precomputed embeddings: that the store was written from the configured file)."""
+    emb = cfg.dataset.visual_embeddings
+    if emb.path:
+        return embeddings_identity(emb.path, emb.key, emb.ids, emb.axis,
+                                   cfg.images.max_images_per_entity)
     expect = {"layer": cfg.model.vision_feature_layer, "pool": cfg.model.feature_pool,
               "max_images_per_entity": cfg.images.max_images_per_entity}
     geometry = vision_geometry(source, cfg.model.feature_pool, cfg.model.vision_feature_layer)

@@ -1,4 +1,5 @@
-"""Knowledge-graph loading: MKGformer and OpenKE layouts into one :class:`KnowledgeGraph`.
+"""Knowledge-graph loading: MKGformer, OpenKE and MyGO/NativE layouts into one
+:class:`KnowledgeGraph`.
 
 Entities and relations become dense integer ids; triples are ``(n, 3)`` int64 arrays of
 ``(head, relation, tail)`` per split. Queries use *query relations* ``qrel`` in
@@ -18,6 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from elmm_ray.data.kg_io import DatasetError, LoadReport, read_lines, read_text_table, readable_name
+from elmm_ray.data.kg_mygo import MYGO_FILES, load_mygo
+
+__all__ = ["DatasetError", "FilterIndex", "KnowledgeGraph", "LoadReport", "detect_format",
+           "load_kg", "readable_name"]
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
@@ -25,23 +32,6 @@ MKGFORMER_FILES = {"train": "train.tsv", "valid": "dev.tsv", "test": "test.tsv"}
 OPENKE_FILES = {"train": "train2id.txt", "valid": "valid2id.txt", "test": "test2id.txt"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 RELATION_CATEGORIES = ("1-1", "1-N", "N-1", "N-N")
-
-
-class DatasetError(ValueError):
-    """A dataset folder that cannot be loaded: names the file, the line and the problem."""
-
-
-@dataclass
-class LoadReport:
-    """What loading noticed without failing: counted, never silent."""
-
-    warnings: list[str] = field(default_factory=list)
-    duplicate_triples: dict[str, int] = field(default_factory=dict)
-    text_rows_unused: int = 0
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-        log.info(message)
 
 
 class FilterIndex:
@@ -208,36 +198,9 @@ class KnowledgeGraph:
 # ---------------------------------------------------------------------------- parsing
 
 
-def _read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DatasetError(f"missing file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{path}: not UTF-8 text ({err})") from err
-    return text.splitlines()
-
-
-def _read_text_table(path: Path, report: LoadReport) -> dict[str, str]:
-    """``key<TAB>text`` lines; a line without a tab is a malformed line."""
-    table: dict[str, str] = {}
-    for lineno, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        key, sep, text = line.partition("\t")
-        if not sep:
-            raise DatasetError(f"{path}:{lineno}: expected 'id<TAB>text', got {line[:80]!r}")
-        key = key.strip()
-        if key in table and table[key] != text.strip():
-            report.warn(f"{path}:{lineno}: duplicate id {key!r}; keeping the first text")
-            continue
-        table[key] = text.strip()
-    return table
-
-
 def _read_mkgformer_triples(path: Path) -> list[tuple[str, str, str]]:
     rows = []
-    for lineno, line in enumerate(_read_lines(path), 1):
+    for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         parts = line.rstrip("\r").split("\t")
@@ -251,7 +214,7 @@ def _read_mkgformer_triples(path: Path) -> list[tuple[str, str, str]]:
 
 def _read_openke_vocab(path: Path) -> list[str]:
     """``count`` line then ``name<TAB or SPACE>id``; returns names indexed by id."""
-    lines = [ln for ln in _read_lines(path)]
+    lines = [ln for ln in read_lines(path)]
     if not lines:
         raise DatasetError(f"{path}: empty file (expected a count line)")
     try:
@@ -280,7 +243,7 @@ def _read_openke_vocab(path: Path) -> list[str]:
 
 
 def _read_openke_triples(path: Path, n_ent: int, n_rel: int) -> np.ndarray:
-    lines = _read_lines(path)
+    lines = read_lines(path)
     if not lines:
         raise DatasetError(f"{path}: empty file (expected a count line)")
     try:
@@ -308,15 +271,6 @@ def _read_openke_triples(path: Path, n_ent: int, n_rel: int) -> np.ndarray:
     if len(rows) != count:
         raise DatasetError(f"{path}: the count line says {count} triples but {len(rows)} follow")
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
-
-
-def readable_name(uri: str) -> str:
-    """A readable label from a URI or id: ``<http://dbpedia.org/resource/New_York>`` ->
-    ``New York``; Wikidata ``Q370252`` stays as is."""
-    s = uri.strip().strip("<>")
-    s = s.rstrip("/").rsplit("/", 1)[-1].rsplit("#", 1)[-1]
-    s = re.sub(r"_+", " ", s)
-    return s or uri
 
 
 # ---------------------------------------------------------------------------- images
@@ -353,14 +307,25 @@ def list_entity_images(image_root: Path, entities: Iterable[str]) -> list[list[s
 # ---------------------------------------------------------------------------- loaders
 
 
+# What auto-detection looks for, in order: the first layout whose file exists wins.
+LAYOUTS = {
+    "mkgformer": ("train.tsv", "entity2text.txt, train.tsv, dev.tsv, test.tsv"),
+    "openke": ("train2id.txt", "entity2id.txt, relation2id.txt, train2id.txt, valid2id.txt, "
+                               "test2id.txt"),
+    "mygo": (MYGO_FILES["train"], "entities.txt, relations.txt, train.txt, valid.txt, test.txt"),
+}
+
+
 def detect_format(path: Path) -> str:
-    if (path / "train.tsv").is_file():
-        return "mkgformer"
-    if (path / "train2id.txt").is_file():
-        return "openke"
+    """The layout of a dataset folder: ``mkgformer``, ``openke`` or ``mygo`` (see LAYOUTS)."""
+    for fmt, (marker, _) in LAYOUTS.items():
+        if (path / marker).is_file():
+            return fmt
+    needs = "; ".join(f"{fmt}: {files}" for fmt, (_, files) in LAYOUTS.items())
     raise DatasetError(
-        f"{path}: cannot tell the dataset format: expected train.tsv (MKGformer layout) or "
-        "train2id.txt (OpenKE layout)"
+        f"{path}: cannot tell the dataset format: no layout's triple file is there. "
+        f"Each layout needs: {needs}. Point dataset.path at the folder holding them "
+        "(or set dataset.format)"
     )
 
 
@@ -376,11 +341,11 @@ def _count_duplicates(split: str, arr: np.ndarray, report: LoadReport) -> None:
 
 def _load_mkgformer(path: Path, report: LoadReport, use_long_text: bool) -> dict:
     raw = {s: _read_mkgformer_triples(path / f) for s, f in MKGFORMER_FILES.items()}
-    ent_text = _read_text_table(path / "entity2text.txt", report)
+    ent_text = read_text_table(path / "entity2text.txt", report)
     long_path = path / "entity2textlong.txt"
-    long_text = _read_text_table(long_path, report) if use_long_text and long_path.is_file() else {}
+    long_text = read_text_table(long_path, report) if use_long_text and long_path.is_file() else {}
     rel_path = path / "relation2text.txt"
-    rel_text = _read_text_table(rel_path, report) if rel_path.is_file() else {}
+    rel_text = read_text_table(rel_path, report) if rel_path.is_file() else {}
     if not rel_path.is_file():
         report.warn(f"{rel_path} missing; relation ids are used as their text")
 
@@ -436,7 +401,7 @@ def _load_openke(path: Path, report: LoadReport) -> dict:
         for s, f in OPENKE_FILES.items()
     }
     ent_text_path = path / "entity2text.txt"
-    ent_text = _read_text_table(ent_text_path, report) if ent_text_path.is_file() else {}
+    ent_text = read_text_table(ent_text_path, report) if ent_text_path.is_file() else {}
     names, descs, has_text = [], [], []
     for e in entities:
         text = ent_text.get(e)
@@ -457,7 +422,8 @@ def load_kg(
     use_long_text: bool = False,
     name: str | None = None,
 ) -> KnowledgeGraph:
-    """Load a dataset folder (MKGformer or OpenKE layout) into a :class:`KnowledgeGraph`.
+    """Load a dataset folder (MKGformer, OpenKE or MyGO/NativE layout) into a
+    :class:`KnowledgeGraph`.
 
     Raises :class:`DatasetError` naming the file and line of any malformed input.
     Duplicate triple rows are kept as given and counted in ``report``.
@@ -466,12 +432,16 @@ def load_kg(
     if not path.is_dir():
         raise DatasetError(f"dataset folder {path} does not exist")
     fmt = detect_format(path) if format == "auto" else format
-    if fmt not in ("mkgformer", "openke"):
-        raise DatasetError(f"unknown dataset format {format!r}; use auto, mkgformer or openke")
+    if fmt not in LAYOUTS:
+        raise DatasetError(f"unknown dataset format {format!r}; use auto, "
+                           + ", ".join(LAYOUTS))
     report = LoadReport()
-    parts = _load_mkgformer(path, report, use_long_text) if fmt == "mkgformer" else (
-        _load_openke(path, report)
-    )
+    if fmt == "mkgformer":
+        parts = _load_mkgformer(path, report, use_long_text)
+    elif fmt == "openke":
+        parts = _load_openke(path, report)
+    else:
+        parts = load_mygo(path, report)
     for split, arr in parts["triples"].items():
         _count_duplicates(split, arr, report)
     root = Path(image_root) if image_root else path / "images"

@@ -34,8 +34,13 @@ def build_tokenizer(cfg: Config, texts: Iterable[str]) -> PreTrainedTokenizerBas
     return tokenizer
 
 
-def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizerBase) -> ELMM:
-    """The ELMM of ``cfg`` (without LoRA: see :func:`elmm_ray.models.lora.apply_lora`)."""
+def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizerBase,
+               feature_width: int | None = None) -> ELMM:
+    """The ELMM of ``cfg`` (without LoRA: see :func:`elmm_ray.models.lora.apply_lora`).
+
+    ``feature_width``: the width of the visual features it will read (the feature store's);
+    None or the vision tower's width: features go straight into MVTC / the projector, else
+    through a trainable linear map (precomputed embeddings of another encoder)."""
     model = cfg.model
     dtype = resolve_dtype(model.dtype)
     with torch.random.fork_rng(devices=[]):
@@ -91,6 +96,7 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
             entity_image_adapter=(model.entity_image_adapter and reads_images(cfg)
                                   and model.entity_repr == "table"),
             entity_repr=model.entity_repr,
+            feature_width=feature_width or 0,
         )
 
 

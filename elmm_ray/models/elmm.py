@@ -119,6 +119,7 @@ class ELMM(nn.Module):
         uncompressed: bool = False,
         entity_image_adapter: bool = False,
         entity_repr: str = "table",
+        feature_width: int = 0,
     ) -> None:
         super().__init__()
         if entity_repr not in ENTITY_REPRS:
@@ -135,7 +136,11 @@ class ELMM(nn.Module):
         self.num_entities = num_entities
         dtype = self.input_embeddings.weight.dtype
         self.readout = nn.Linear(hidden, self.embed_dim).to(dtype)
-        visual_dim = backbone.config.vision_config.hidden_size if entity_image_adapter else 0
+        vision_width = backbone.config.vision_config.hidden_size
+        # Features of another width (precomputed embeddings) enter through a trainable
+        # linear map into the vision-feature space that MVTC and the projector expect.
+        self.feature_width = int(feature_width or vision_width)
+        visual_dim = self.feature_width if entity_image_adapter else 0
         self.entity_table = EntityTable(num_entities, self.embed_dim, temperature,
                                         visual_dim).to(dtype)
         # The latest encoding of every entity (encoder modes): refreshed by the trainer
@@ -148,6 +153,9 @@ class ELMM(nn.Module):
         self.learned_tokens = LearnedTokens(ids, initial)
         if self.mvtc is not None:
             self.mvtc.to(dtype)
+        self.visual_input: nn.Linear | None = None
+        if self.feature_width != vision_width:
+            self.visual_input = nn.Linear(self.feature_width, vision_width).to(dtype)
 
     @property
     def language_model(self) -> nn.Module:
@@ -179,6 +187,8 @@ class ELMM(nn.Module):
             del modules["entity_table"]
         if self.mvtc is not None:
             modules["mvtc"] = self.mvtc
+        if self.visual_input is not None:
+            modules["visual_input"] = self.visual_input
         return modules
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -190,6 +200,8 @@ class ELMM(nn.Module):
         device = self.input_embeddings.weight.device
         dtype = self.projector.linear_1.weight.dtype
         features = batch["features"].to(device=device, dtype=dtype)
+        if self.visual_input is not None:
+            features = self.visual_input(features)
         image_mask = batch["image_mask"].to(device=device, dtype=torch.bool)
         size, images, tokens, width = features.shape
         patch_tokens = features.reshape(size, images * tokens, width)

@@ -1,6 +1,7 @@
-"""Feature stages: ``extract`` (the frozen vision tower over every packed image, into the
-feature store) and ``entity_init`` (every entity's own encoding by the untrained, seeded
-model: the initial entity table), both on Ray Data actor pools."""
+"""Feature stages: ``extract`` (the frozen vision tower over every packed image, or the
+configured precomputed embeddings, into the feature store) and ``entity_init`` (every
+entity's own encoding by the untrained, seeded model: the initial entity table), both on
+Ray Data actor pools."""
 
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ from safetensors.torch import save_file
 
 from elmm_ray import console
 from elmm_ray.config import Config, config_from_dict, config_to_dict
+from elmm_ray.data.embeddings import embeddings_to_store
 from elmm_ray.data.extraction import extract_features
 from elmm_ray.data.feature_store import MANIFEST as STORE_MANIFEST
 from elmm_ray.data.feature_store import FeatureStore, StoreLocation, expected_metadata
 from elmm_ray.layout import RunLayout
 from elmm_ray.ray_session import init_ray
-from elmm_ray.stages.base import Stage, StageContext, image_stage, register
+from elmm_ray.stages.base import Stage, StageContext, data_stages, image_stage, register
 from elmm_ray.train.context import backbone_source, build_context, get_tokenizer
 
 
 def run_extract(ctx: StageContext) -> dict:
     cfg, layout = ctx.cfg, ctx.layout
+    if cfg.dataset.visual_embeddings.path:
+        return _store_from_embeddings(ctx)
     source = backbone_source(cfg, ctx.kg, layout)
     init_ray(cfg.ray)
     result = extract_features(
@@ -39,6 +43,40 @@ def run_extract(ctx: StageContext) -> dict:
             "images_this_run": m["images_this_run"], "store_reused": result.skipped,
             "skipped_images": m["skipped_images"], "failed_images": m["failed_images"],
             "summary_rows": result.summary_rows()}
+
+
+def _store_from_embeddings(ctx: StageContext) -> dict:
+    """The feature store from precomputed per-entity embeddings: no images, no Ray."""
+    emb, layout = ctx.cfg.dataset.visual_embeddings, ctx.layout
+    m = embeddings_to_store(emb.path, layout.feature_store, ctx.kg.entities, key=emb.key,
+                            ids=emb.ids, axis=emb.axis,
+                            max_images=ctx.cfg.images.max_images_per_entity)
+    c = m["counts"]
+    rows = [("embedding file", m["embeddings_file"]), ("rows in the file", f"{c['rows']:,}"),
+            ("  rows naming no entity of the dataset", f"{c['rows_unmatched']:,}"),
+            ("  all-zero rows (no embedding)", f"{c['zero_rows']:,}"),
+            ("  slots beyond images.max_images_per_entity", f"{c['slots_beyond_max_images']:,}"),
+            ("entities with embeddings", f"{c['entities_with_embeddings']:,}"),
+            ("entities without embeddings (zeros + mask)",
+             f"{c['entities_without_embeddings']:,}"),
+            ("feature shape per slot", f"{m['tokens']} x {m['width']} fp16"),
+            ("slots per entity", f"{m['slots']}"), ("parts", f"{m['parts']:,}")]
+    return {"store": m["store"], "store_fingerprint": m["fingerprint"], "source": "embeddings",
+            "counts": c, "parts": m["parts"], "summary_rows": rows}
+
+
+def _describe_extract(m: dict) -> str:
+    c = m["counts"]
+    if m.get("source") == "embeddings":
+        return (f"{c['entities_with_embeddings']:,} entities with precomputed embeddings, "
+                f"{c['entities_without_embeddings']:,} without")
+    return (f"{c['done']:,} images in the store ({m['images_this_run']:,} this run), "
+            f"{c['skipped']:,} skipped, {c['failed']:,} failed")
+
+
+def extract_needs(cfg: Config) -> tuple[str, ...]:
+    """Image shards, or with precomputed embeddings only the dataset (its entity names)."""
+    return data_stages(cfg) if cfg.dataset.visual_embeddings.path else ("pack",)
 
 
 def _extract_done(layout: RunLayout, cfg: Config) -> bool:
@@ -131,14 +169,13 @@ def run_entity_init(ctx: StageContext) -> dict:
 
 EXTRACT = register(Stage(
     name="extract",
-    reads=("seed", "model", "images.max_images_per_entity", "images.feature_store"),
+    reads=("seed", "model", "images.max_images_per_entity", "images.feature_store",
+           "dataset.path", "dataset.format", "dataset.visual_embeddings"),
     # what the language side does with the features does not change them
     exclude=("model.temperature", "model.uncompressed", "model.entity_repr",
              "model.entity_image_adapter", "model.max_text_tokens"),
-    needs=lambda cfg: ("pack",), run=run_extract, outputs_exist=_extract_done,
-    describe=lambda m: (f"{m['counts']['done']:,} images in the store ({m['images_this_run']:,} "
-                        f"this run), {m['counts']['skipped']:,} skipped, "
-                        f"{m['counts']['failed']:,} failed"),
+    needs=extract_needs, run=run_extract, outputs_exist=_extract_done,
+    describe=_describe_extract,
     artifacts=("features",)))
 
 ENTITY_INIT = register(Stage(

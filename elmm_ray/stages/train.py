@@ -47,8 +47,8 @@ def train_needs(cfg: Config) -> tuple[str, ...]:
     """Ray Train workers read the entity-init table (unless entity vectors are encodings
     alone) and the feature store; the local backend computes both in its own process, so it
     needs only the shards."""
-    if cfg.train.backend == "local":
-        return ("pack",)
+    if cfg.train.backend == "local":  # precomputed embeddings: the store is the only source
+        return image_stage(cfg) if cfg.dataset.visual_embeddings.path else ("pack",)
     return image_stage(cfg) if cfg.model.entity_repr == "encoder" else ("entity_init",)
 
 

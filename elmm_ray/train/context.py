@@ -88,12 +88,14 @@ def backbone_source(cfg: Config, kg: KnowledgeGraph, layout: RunLayout) -> str:
     return str(saved)
 
 
-def build_model(cfg: Config, kg: KnowledgeGraph, tokenizer, layout: RunLayout) -> ELMM:
+def build_model(cfg: Config, kg: KnowledgeGraph, tokenizer, layout: RunLayout,
+                feature_width: int | None = None) -> ELMM:
     """The ELMM of ``cfg`` over the run's backbone (see :func:`backbone_source`), with LoRA
-    when enabled."""
+    when enabled, reading visual features ``feature_width`` wide (None: the tower's)."""
     source = backbone_source(cfg, kg, layout)
     effective = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=source))
-    model = build_elmm(effective, num_entities=kg.num_entities, tokenizer=tokenizer)
+    model = build_elmm(effective, num_entities=kg.num_entities, tokenizer=tokenizer,
+                       feature_width=feature_width)
     if cfg.lora.enabled:
         apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                    target_regex=cfg.lora.target_regex)
@@ -102,23 +104,43 @@ def build_model(cfg: Config, kg: KnowledgeGraph, tokenizer, layout: RunLayout) -
     return model
 
 
+def _checked(store, kg: KnowledgeGraph):
+    if store.num_entities != kg.num_entities:
+        raise ValueError(f"the feature store has {store.num_entities} entities but the "
+                         f"dataset has {kg.num_entities}; it belongs to another dataset")
+    return store
+
+
+def embedding_features(cfg: Config, kg: KnowledgeGraph):
+    """The feature store written from ``dataset.visual_embeddings`` (it decides the model's
+    visual input width), or None when the config has none or the model reads no images."""
+    if (not cfg.dataset.visual_embeddings.path or not reads_images(cfg)
+            or cfg.images.max_images_per_entity == 0):
+        return None
+    try:
+        return _checked(open_feature_store(cfg, source=""), kg)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (with dataset.visual_embeddings.path set, `elmm-ray "
+                                "extract` writes it from the embedding file)") from err
+
+
 def build_features(cfg: Config, model: ELMM, kg: KnowledgeGraph):
-    """Image features of every entity: none when the model reads no images; the extracted
-    feature store when there is one (refused if it does not match the model); else computed
-    in this process from the image shards."""
+    """Image features of every entity: none when the model reads no images; the store of
+    precomputed embeddings when configured; the extracted feature store when there is one
+    (refused if it does not match the model); else computed in this process from the image
+    shards."""
     max_images = cfg.images.max_images_per_entity
     if not reads_images(cfg) or max_images == 0:
         tokens, width = image_feature_shape(model.backbone, cfg.model.feature_pool)
         return FeatureBank.empty(kg.num_entities, max_images, tokens, width)
+    if cfg.dataset.visual_embeddings.path:
+        return embedding_features(cfg, kg)
     try:
         store = open_feature_store(cfg, backbone_source(cfg, kg, RunLayout.of(cfg)))
     except FileNotFoundError:
         store = None
     if store is not None:
-        if store.num_entities != kg.num_entities:
-            raise ValueError(f"the feature store has {store.num_entities} entities but the "
-                             f"dataset has {kg.num_entities}; it belongs to another dataset")
-        return store
+        return _checked(store, kg)
     vision = model.backbone.config.vision_config
     return features_from_shards(vision_tower_of(model.backbone), RunLayout.of(cfg).shard_dir,
                                 num_entities=kg.num_entities, max_images=max_images,
@@ -132,8 +154,14 @@ def build_context(cfg: Config, kg: KnowledgeGraph, features: FeatureBank | None 
     layout = RunLayout.of(cfg)
     torch.manual_seed(cfg.train.seed)
     tokenizer = get_tokenizer(cfg, kg, layout)
-    model = build_model(cfg, kg, tokenizer, layout)
+    if features is None:
+        features = embedding_features(cfg, kg)
+    model = build_model(cfg, kg, tokenizer, layout, feature_width=_width(features))
     return _context(cfg, kg, model, tokenizer, features)
+
+
+def _width(features) -> int | None:
+    return None if features is None else int(features.feature_shape[1])
 
 
 def _context(cfg: Config, kg: KnowledgeGraph, model: ELMM, tokenizer,
@@ -168,7 +196,10 @@ def load_pruned_context(cfg: Config, kg: KnowledgeGraph, model_dir: Path | None 
     tokenizer = get_tokenizer(cfg, kg, layout)
     source = backbone_source(cfg, kg, layout)
     effective = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=source))
-    model = build_elmm(effective, num_entities=kg.num_entities, tokenizer=tokenizer)
+    if features is None:
+        features = embedding_features(cfg, kg)
+    model = build_elmm(effective, num_entities=kg.num_entities, tokenizer=tokenizer,
+                       feature_width=_width(features))
     load_pruned_weights(model, model_dir / MODEL_BACKBONE_SUBDIR)
     load_trainable(model, model_dir)
     return _context(cfg, kg, model, tokenizer, features)
