@@ -306,10 +306,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The config keys a user most often sets for each command (every key: `config keys`).
+COMMAND_KEYS: dict[str, tuple[str, ...]] = {
+    "run": ("run_dir", "dataset.name", "dataset.path", "model.preset", "model.backbone",
+            "mvtc.n_visual", "mvtc.n_text", "train.backend", "train.epochs",
+            "train.num_workers", "train.use_gpu", "prune.method", "prune.ratio"),
+    "train": ("train.backend", "train.epochs", "train.max_steps", "train.batch_size",
+              "train.learning_rate", "train.num_negatives", "train.knowledge_weight",
+              "train.num_workers", "train.use_gpu", "deepspeed.zero_stage", "lora.r",
+              "model.entity_repr"),
+    "eval": ("eval.split", "eval.max_queries", "eval.batch_size", "eval.hits_at"),
+    "extract": ("images.max_images_per_entity", "model.vision_feature_layer",
+                "model.feature_pool", "ray.data_actors", "ray.data_actor_cpus",
+                "ray.data_actor_gpus", "ray.data_batch_size", "dataset.visual_embeddings.path"),
+    "entity_init": ("ray.data_actors", "ray.data_actor_cpus", "ray.data_actor_gpus",
+                    "ray.data_batch_size"),
+    "prune": ("prune.method", "prune.ratio", "prune.steps", "prune.calib_samples",
+              "prune.finetune_steps", "prune.knowledge_weight"),
+    "pack": ("images.max_shard_bytes", "images.min_side", "images.num_cpus_per_task"),
+    "tune": ("tune.search", "tune.scheduler", "tune.num_samples", "tune.metric", "tune.mode",
+             "tune.objectives", "tune.max_concurrent_trials"),
+    "export": ("run_dir",),
+}
+
+
+def keys_epilog(command: str) -> str:
+    """The help text naming ``command``'s keys, from the schema's own help."""
+    from elmm_ray.config.keys import key_info
+
+    lines = ["config keys that matter here (in the YAML or as key=value; every key: "
+             "`elmm-ray config keys [SECTION]`):"]
+    for key in COMMAND_KEYS.get(command, ()):
+        info = key_info(key)
+        if info is not None:
+            default = json.dumps(info.default) if info.default is not None else "null"
+            lines.append(f"  {key:<30} {info.help} (default {default})")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elmm-ray",
         description="Train, compress and evaluate ELMM multimodal KG-completion models on Ray.",
+        epilog="Every command that takes a CONFIG accepts key=value overrides; "
+               "`elmm-ray config keys [SECTION]` lists every key with its default, allowed "
+               "values and help; `elmm-ray COMMAND --help` names the keys that matter for "
+               "that command. Logs of a run: <run_dir>/logs/ (-v shows them live).",
     )
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show everything on the console: INFO logs, Ray's and the "
@@ -318,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help: str):
-        p = sub.add_parser(name, help=help)
+        p = sub.add_parser(name, help=help, description=help, epilog=keys_epilog(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", help="YAML config (see configs/)")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=2")
         return p
@@ -338,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("prune", "prune the trained model (prune.method, prune.ratio), fine-tune, "
                     "report: CONFIG or RUN_DIR")
     p.set_defaults(func=cmd_prune)
-    p = sub.add_parser("export", help="write the trained model as a self-contained directory")
+    p = sub.add_parser("export", help="write the trained model as a self-contained directory",
+                       epilog=keys_epilog("export"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="run directory (or its config)")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--out", default=None, help="default: RUN_DIR/export")

@@ -109,3 +109,18 @@ def test_run_through_a_pipe_is_short_and_clean(tmp_path):
     assert "[train] done in" in (logs / console.LOG_FILE).read_text()
     worker_logs = list((logs / "ray").glob("worker-*.out"))
     assert worker_logs, "the workers' output was not kept in the run directory"
+
+
+def test_every_command_help_names_keys_of_the_schema(capsys):
+    from elmm_ray.cli import COMMAND_KEYS, build_parser
+    from elmm_ray.config.keys import key_info
+
+    unknown = [(c, k) for c, keys in COMMAND_KEYS.items() for k in keys if key_info(k) is None]
+    assert not unknown, f"help names keys the schema does not have: {unknown}"
+    parser = build_parser()
+    for command, keys in COMMAND_KEYS.items():
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        text = capsys.readouterr().out
+        assert "elmm-ray config keys" in text, command
+        assert all(k in text for k in keys), command
