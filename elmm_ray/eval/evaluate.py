@@ -78,8 +78,8 @@ def evaluate_model(model: ELMM, collator: QueryCollator, features: FeatureBank,
         refresh_entity_cache(model, collator, features, batch_size)  # a fresh encoding
         vectors = encode_queries(model, collator, features, queries, batch_size)
         with torch.no_grad():
-            table = model.entity_vectors().float().cpu()
-        result = rank_with_vectors(vectors, table, queries, kg.filter_index(),
+            table = model.entity_vectors().float()  # ranked on the model's device
+        result = rank_with_vectors(vectors.to(table.device), table, queries, kg.filter_index(),
                                    batch_size=1024, cosine=True, temperature=model.temperature)
         metrics = evaluate_ranking(result.ranks, result.top1, queries, kg.num_relations,
                                    kg.relation_categories, kg.triples["train"], ks=ks)
