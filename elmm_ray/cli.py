@@ -221,15 +221,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from elmm_ray.data.dataset import load_dataset
-    from elmm_ray.stages import run_stage
-    from elmm_ray.stages.export import export_run
+    from elmm_ray.export import CARD_FILE, MARKER
+    from elmm_ray.stages import run_stage, run_stages
+    from elmm_ray.stages.export import export_needs, export_run
 
-    cfg = _config_or_run_dir(args.run_dir, args.overrides)
+    overrides = [*args.overrides]
+    if args.checkpoint:
+        overrides.append(f"export.checkpoint={args.checkpoint}")
+    cfg = _config_or_run_dir(args.run_dir, overrides)
     if args.out:  # a one-off copy elsewhere: not the run's export stage
+        run_stages(list(export_needs(cfg)), cfg)
         out = export_run(cfg, load_dataset(cfg), args.out)
     else:
         out = Path(run_stage("export", cfg).manifest["out_dir"])
-    print(f"exported the final model of {cfg.run_dir} to {out}")
+    meta = read_json(out / MARKER)
+    record = (meta.get("checkpoint") or {}).get("record") or {}
+    at = (f" (step {record['step']}, val MRR {record['val_mrr']:.4f})"
+          if record.get("val_mrr") is not None else "")
+    print(f"exported the {cfg.export.checkpoint} weights{at} of {cfg.run_dir} to {out}")
+    adapter = meta.get("adapter")
+    print(f"  model card: {out / CARD_FILE}")
+    print(f"  PEFT adapter: {out / 'adapter'} (base: {adapter['base_model']})" if adapter
+          else "  no PEFT adapter: LoRA was off in this run")
     return 0
 
 
@@ -326,7 +339,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "pack": ("images.max_shard_bytes", "images.min_side", "images.num_cpus_per_task"),
     "tune": ("tune.search", "tune.scheduler", "tune.num_samples", "tune.metric", "tune.mode",
              "tune.objectives", "tune.max_concurrent_trials"),
-    "export": ("run_dir",),
+    "export": ("export.checkpoint", "export.license"),
 }
 
 
@@ -381,12 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config("prune", "prune the trained model (prune.method, prune.ratio), fine-tune, "
                     "report: CONFIG or RUN_DIR")
     p.set_defaults(func=cmd_prune)
-    p = sub.add_parser("export", help="write the trained model as a self-contained directory",
-                       epilog=keys_epilog("export"),
+    p = sub.add_parser("export", help="write the trained model as a self-contained directory "
+                       "with a PEFT adapter and a model card", epilog=keys_epilog("export"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="run directory (or its config)")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--out", default=None, help="default: RUN_DIR/export")
+    p.add_argument("--checkpoint", choices=["best", "last"], default=None,
+                   help="last: the end of training; best: the validation round with the "
+                   "highest val MRR. A pruned run: last = the pruned model after its final "
+                   "fine-tuning, best = the best round of the last pruning round's "
+                   "fine-tuning. Default: export.checkpoint (last)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("predict", help="top-k answers of (head, relation, ?) from an export")
     p.add_argument("model_dir")

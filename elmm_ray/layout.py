@@ -23,6 +23,11 @@ from typing import Any
 
 from elmm_ray.config import Config, config_to_dict, dump_config
 
+# Inside a training output folder (``train/``, ``prune/finetune_<k>/``): the trainable
+# weights of the validation round with the highest val MRR, and that round's record.
+BEST_SUBDIR = "best"
+BEST_RECORD = "best.json"
+
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write JSON through a temporary file + rename, so readers never see half a file."""
@@ -160,6 +165,15 @@ class RunLayout:
     @property
     def trained_model(self) -> Path:
         return self.path("train", "model")
+
+    @property
+    def best_model(self) -> Path:
+        """The trainable weights of training's best validation round (``best.json`` inside)."""
+        return self.path("train", BEST_SUBDIR)
+
+    def finetune_dir(self, round_: int) -> Path:
+        """Output folder of the fine-tuning after pruning round ``round_`` (1-based)."""
+        return self.path("prune", f"finetune_{round_}")
 
     @property
     def ray_train_storage(self) -> Path:

@@ -63,7 +63,8 @@ def test_upstream_first_skip_when_complete_rerun_what_changed(tmp_path, toy_stag
 
 def test_every_pipeline_stage_is_registered_with_what_it_reads():
     cfg = load_config("configs/demo.yaml")
-    assert plan("export", cfg) == ["synth", "pack", "extract", "entity_init", "train", "export"]
+    assert plan("export", cfg) == ["synth", "pack", "extract", "entity_init", "train", "eval",
+                                   "export"]
     local = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend="local"))
     assert plan("train", local) == ["synth", "pack", "train"]
     with pytest.raises(KeyError, match="unknown stage 'trian'"):

@@ -21,11 +21,12 @@ from elmm_ray.cli import main
 from elmm_ray.config import load_config
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.shards import pack_images
+from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.layout import RunLayout
 from elmm_ray.stages import run_stage
 from elmm_ray.stages.export import eval_export, export_run
 from elmm_ray.stages.train import evaluate
-from elmm_ray.train.context import load_trained_context
+from elmm_ray.train.context import final_context, load_trained_context
 from elmm_ray.train.loop import train_local
 from elmm_ray.train.trainer import train_ray
 
@@ -121,6 +122,16 @@ def test_zero3_parity_then_export_eval_and_predict(tmp_path_factory, base, ray_s
     summary = train_ray(cfg, kg)
     assert [h["step"] for h in summary["history"]][-1] == summary["steps"]
     _assert_close(_trainable(cfg), _trainable(local_cfg), atol=2e-4)
+
+    # The best validation round is kept (gathered from the ZeRO-3 partitions) with its record.
+    best = max(summary["history"], key=lambda h: h["val_mrr"])
+    record = json.loads((RunLayout.of(cfg).best_model / "best.json").read_text())
+    assert (record["step"], record["val_mrr"]) == (best["step"], best["val_mrr"])
+    ctx = final_context(cfg, kg, "best")
+    again = evaluate_model(ctx.model, ctx.collator, ctx.features, kg, split="valid",
+                           batch_size=cfg.eval.batch_size,
+                           max_queries=cfg.train.val_max_queries, ks=cfg.eval.hits_at)
+    assert again["overall"]["mrr"] == pytest.approx(record["val_mrr"], abs=1e-5)
 
     # Export (LoRA merged) -> eval on the export equals the trained model in memory.
     in_memory = evaluate(cfg, kg, load_trained_context(cfg, kg))

@@ -18,6 +18,7 @@ from elmm_ray.config.schema import (
     DatasetConfig,
     DeepSpeedConfig,
     EvalConfig,
+    ExportConfig,
     ImagesConfig,
     LoraConfig,
     ModelConfig,
@@ -31,8 +32,8 @@ from elmm_ray.config.schema import (
 
 __all__ = [
     "MODEL_PRESETS", "Config", "ConfigError", "DatasetConfig", "DeepSpeedConfig", "EvalConfig",
-    "ImagesConfig", "KeyInfo", "LoraConfig", "MVTCConfig", "ModelConfig", "PruneConfig",
-    "RayConfig", "SynthConfig", "TrainConfig", "TuneConfig", "all_keys", "build_config",
-    "config_from_dict", "config_hash", "config_to_dict", "dump_config", "format_keys",
-    "json_schema", "key_info", "load_config", "parse_overrides",
+    "ExportConfig", "ImagesConfig", "KeyInfo", "LoraConfig", "MVTCConfig", "ModelConfig",
+    "PruneConfig", "RayConfig", "SynthConfig", "TrainConfig", "TuneConfig", "all_keys",
+    "build_config", "config_from_dict", "config_hash", "config_to_dict", "dump_config",
+    "format_keys", "json_schema", "key_info", "load_config", "parse_overrides",
 ]

@@ -427,6 +427,23 @@ class PruneConfig:
 
 
 @dataclass(config=SECTION)
+class ExportConfig:
+    """The exported model directory (``elmm-ray export``)."""
+
+    checkpoint: Literal["best", "last"] = Field(
+        "last", description="weights to export: `last` = the end of training; `best` = the "
+        "validation round with the highest val MRR (kept by the training loop under "
+        "`train/best`). A pruned run: `last` = the pruned model after its final fine-tuning "
+        "(`prune/model`), `best` = the best validation round of the last pruning round's "
+        "fine-tuning (`prune/finetune_<k>/best`, on the same pruned backbone)"
+    )
+    license: Str = Field(
+        "other", description="license id in the model card's front matter (the backbone's "
+        "and the dataset's terms apply as well)"
+    )
+
+
+@dataclass(config=SECTION)
 class EvalConfig:
     """Filtered ranking evaluation."""
 
@@ -541,5 +558,7 @@ class Config:
                                        description="DeepSpeed ZeRO")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="pruning")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="evaluation")
+    export: ExportConfig = Field(default_factory=ExportConfig,
+                                 description="the exported model directory")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweeps")

@@ -1,5 +1,6 @@
-"""``export``: the run's final model (pruned when the prune stage ran, else trained) as a
-self-contained model directory (:mod:`elmm_ray.export`)."""
+"""``export``: the run's final model (pruned when the prune stage ran, else trained) at
+``export.checkpoint`` (``best`` or ``last``) as a self-contained model directory with a
+PEFT adapter and a model card (:mod:`elmm_ray.export`)."""
 
 from __future__ import annotations
 
@@ -11,24 +12,42 @@ from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.export import MARKER, export_model, load_export
 from elmm_ray.layout import RunLayout, read_json
 from elmm_ray.stages.base import Stage, StageContext, register
-from elmm_ray.train.context import final_context
+from elmm_ray.stages.train import evaluate
+from elmm_ray.train.context import final_checkpoint, final_context
 
 
-def export_run(cfg: Config, kg, out_dir: str | Path | None = None) -> Path:
-    """Write the run's final model to ``out_dir`` (default ``<run_dir>/export``)."""
-    ctx = final_context(cfg, kg)
+def export_run(cfg: Config, kg, out_dir: str | Path | None = None,
+               checkpoint: str | None = None) -> Path:
+    """Write the run's final model at ``checkpoint`` (default ``export.checkpoint``) to
+    ``out_dir`` (default ``<run_dir>/export``). The card's metrics are the eval stage's
+    when they measured these very weights (the last ones of an unpruned run), else the
+    exported weights are evaluated here with the ``eval`` settings."""
+    chosen = final_checkpoint(cfg, checkpoint or cfg.export.checkpoint)
+    ctx = final_context(cfg, kg, chosen["checkpoint"])
+    measured = RunLayout.of(cfg).metrics_file(cfg.eval.split)
+    if chosen["checkpoint"] == "last" and not chosen["pruned"] and measured.is_file():
+        metrics = read_json(measured)
+    else:
+        metrics = evaluate(cfg, kg, ctx)
     return export_model(ctx.model, ctx.tokenizer, ctx.collator, ctx.features, kg, cfg,
-                        out_dir or RunLayout.of(cfg).export_dir)
+                        out_dir or RunLayout.of(cfg).export_dir, metrics=metrics,
+                        checkpoint=chosen)
 
 
 def run_export(ctx: StageContext) -> dict:
     out = export_run(ctx.cfg, ctx.kg)
     meta = read_json(out / MARKER)
-    return {"out_dir": str(out), "parameters": meta["parameters"]}
+    record = (meta["checkpoint"] or {}).get("record") or {}
+    return {"out_dir": str(out), "parameters": meta["parameters"],
+            "checkpoint": ctx.cfg.export.checkpoint, "checkpoint_step": record.get("step"),
+            "checkpoint_val_mrr": record.get("val_mrr"),
+            "adapter": meta["adapter"] is not None}
 
 
 def export_needs(cfg: Config) -> tuple[str, ...]:
-    return ("train", "prune") if cfg.prune.method != "none" else ("train",)
+    """The trained (and, when configured, pruned) model, and the eval stage's metrics of
+    the trained one (the card's figures for an unpruned run's last weights)."""
+    return ("eval", "prune") if cfg.prune.method != "none" else ("eval",)
 
 
 def eval_export(model_dir: str | Path, split: str = "", max_queries: int | None = None) -> dict:
@@ -46,6 +65,6 @@ def eval_export(model_dir: str | Path, split: str = "", max_queries: int | None 
 
 
 EXPORT = register(Stage(
-    name="export", reads=("eval",), needs=export_needs, run=run_export,
+    name="export", reads=("eval", "export"), needs=export_needs, run=run_export,
     describe=lambda m: m["out_dir"],
     outputs_exist=lambda layout, cfg: (layout.export_dir / MARKER).is_file()))

@@ -8,6 +8,7 @@ Ray worker, a resumed run and ``elmm-ray eval`` see exactly the same frozen weig
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from elmm_ray.data.collate import QueryCollator
 from elmm_ray.data.feature_store import open_feature_store
 from elmm_ray.data.image_features import FeatureBank, features_from_shards
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.layout import RunLayout
+from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json
 from elmm_ray.models.backbone import image_feature_shape, vision_tower_of
 from elmm_ray.models.build import build_elmm, build_tokenizer, reads_images
 from elmm_ray.models.elmm import ELMM
@@ -187,10 +188,12 @@ def load_trained_context(cfg: Config, kg: KnowledgeGraph, model_dir: Path | None
 
 
 def load_pruned_context(cfg: Config, kg: KnowledgeGraph, model_dir: Path | None = None,
-                        features: FeatureBank | None = None) -> ModelContext:
+                        features: FeatureBank | None = None,
+                        trainable_dir: Path | None = None) -> ModelContext:
     """A pruned model saved by :func:`elmm_ray.models.pruned.save_pruned_model` (default
     ``<run_dir>/prune/model``): the run's backbone reshaped and loaded from ``backbone/``,
-    then its trainable tensors (adapters, MVTC, heads, entity table)."""
+    then its trainable tensors (adapters, MVTC, heads, entity table), from
+    ``trainable_dir`` when given (e.g. the best round of the last fine-tuning)."""
     layout = RunLayout.of(cfg)
     model_dir = Path(model_dir) if model_dir else layout.pruned_model
     tokenizer = get_tokenizer(cfg, kg, layout)
@@ -201,17 +204,65 @@ def load_pruned_context(cfg: Config, kg: KnowledgeGraph, model_dir: Path | None 
     model = build_elmm(effective, num_entities=kg.num_entities, tokenizer=tokenizer,
                        feature_width=_width(features))
     load_pruned_weights(model, model_dir / MODEL_BACKBONE_SUBDIR)
-    load_trainable(model, model_dir)
+    load_trainable(model, trainable_dir or model_dir)
     return _context(cfg, kg, model, tokenizer, features)
 
 
-def final_context(cfg: Config, kg: KnowledgeGraph) -> ModelContext:
-    """The run's final model: the pruned one when pruning is configured and done, else the
+CHECKPOINTS = ("best", "last")
+
+
+def _last_record(metrics_file: Path) -> dict | None:
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    return json.loads(lines[-1]) if lines else None
+
+
+def final_checkpoint(cfg: Config, checkpoint: str) -> dict:
+    """Which weights are the run's final model, as ``checkpoint`` (``best`` or ``last``)
+    means them: ``pruned``, ``trainable_dir`` (the trainable tensors to load) and the
+    validation record of that round (``step``, ``val_mrr``, ...; ``None`` when unknown).
+
+    Unpruned: ``last`` = ``train/model``, ``best`` = ``train/best``. Pruned (prune.method
+    set and ``prune/model`` saved): ``last`` = ``prune/model``, ``best`` = the best round of
+    the last pruning round's fine-tuning, ``prune/finetune_<k>/best`` (earlier rounds have
+    another architecture). A missing best checkpoint is an error saying the way out."""
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint {checkpoint!r} is not one of {', '.join(CHECKPOINTS)}")
+    layout = RunLayout.of(cfg)
+    pruned = cfg.prune.method != "none" and layout.pruned_model.is_dir()
+    if pruned:
+        rounds = 1 if cfg.prune.method == "attention" else cfg.prune.steps
+        out = layout.finetune_dir(rounds)
+        last_dir = layout.pruned_model
+    else:
+        out, last_dir = layout.stage_dir("train"), layout.trained_model
+    if checkpoint == "last":
+        return {"checkpoint": "last", "pruned": pruned, "trainable_dir": str(last_dir),
+                "record": _last_record(out / "metrics.jsonl")}
+    best = out / BEST_SUBDIR
+    if not (best / BEST_RECORD).is_file():
+        if pruned and cfg.prune.finetune_steps == 0:
+            why = ("this pruned run was not fine-tuned (prune.finetune_steps=0), so it has "
+                   "no validation rounds after pruning")
+        else:
+            why = ("the run was trained before best checkpoints were kept, or its training "
+                   "did not finish a validation round")
+        raise FileNotFoundError(
+            f"no best checkpoint at {best / BEST_RECORD}: {why}. Export the last weights "
+            "(`--checkpoint last` / export.checkpoint=last), or train again to keep the best "
+            f"round (delete {layout.manifest_path('prune' if pruned else 'train')} and rerun)")
+    return {"checkpoint": "best", "pruned": pruned, "trainable_dir": str(best),
+            "record": read_json(best / BEST_RECORD)}
+
+
+def final_context(cfg: Config, kg: KnowledgeGraph, checkpoint: str = "last") -> ModelContext:
+    """The run's final model (LoRA not merged) at ``checkpoint`` (see
+    :func:`final_checkpoint`): the pruned one when pruning is configured and done, else the
     trained one."""
-    pruned = RunLayout.of(cfg).pruned_model
-    if cfg.prune.method != "none" and pruned.is_dir():
-        return load_pruned_context(cfg, kg)
-    return load_trained_context(cfg, kg)
+    chosen = final_checkpoint(cfg, checkpoint)
+    trainable = Path(chosen["trainable_dir"])
+    if chosen["pruned"]:
+        return load_pruned_context(cfg, kg, trainable_dir=trainable)
+    return load_trained_context(cfg, kg, model_dir=trainable)
 
 
 def prepare_finetune(model: ELMM, cfg: Config) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from elmm_ray.console import LoopProgress
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model
-from elmm_ray.layout import RunLayout, write_json_atomic
+from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json, write_json_atomic
 from elmm_ray.models.lora import save_trainable
 from elmm_ray.train.context import (
     ModelContext,
@@ -207,6 +208,9 @@ class LocalSession:
     def agree_to_stop(self, stop: bool) -> bool:
         return stop
 
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
@@ -240,9 +244,13 @@ class RaySession:
 
     def agree_to_stop(self, stop: bool) -> bool:
         """Every rank stops at the same step (a time limit is measured per rank)."""
-        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return self.any_rank(stop)
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's equally shaped ``tensor``, concatenated in rank order."""
@@ -294,6 +302,29 @@ def _maybe_inject_fault(cfg: Config, rank: int, step: int, out: Path) -> None:
     os._exit(1)
 
 
+def save_best(model: torch.nn.Module, out: Path, record: dict, rank: int, gather=None) -> None:
+    """Keep the trainable weights of a new best validation round in ``<out>/best`` with its
+    record (``best.json``: step, epoch, val MRR, val Hits@1). Every rank calls it (ZeRO-3
+    gathers the partitioned weights); rank 0 writes aside, then swaps the folder in."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with gather(params) if gather else contextlib.nullcontext():
+        if rank != 0:
+            return
+        best, tmp = out / BEST_SUBDIR, out / f".{BEST_SUBDIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_trainable(model, tmp)
+        write_json_atomic(tmp / BEST_RECORD, {
+            key: record[key] for key in ("step", "epoch", "val_mrr", "val_hits1", "seconds")})
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(tmp, best)
+
+
+def _kept_best_mrr(out: Path) -> float | None:
+    """Val MRR of the best round already kept in ``<out>/best`` (a resumed run)."""
+    record = out / BEST_SUBDIR / BEST_RECORD
+    return float(read_json(record)["val_mrr"]) if record.is_file() else None
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -305,8 +336,9 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     the trainable weights to ``<out>/model``. Returns steps, seconds, losses, history.
     ``progress``: called on rank 0 after every step and validation round with
     ``{step, steps, epoch, loss | val_mrr}`` (the console's progress, or a Ray queue);
-    ``gather``: a context manager that gathers partitioned parameters for the final save
-    (ZeRO-3)."""
+    ``gather``: a context manager that gathers partitioned parameters for a save (ZeRO-3).
+    Each validation round with a new highest val MRR also saves the trainable weights to
+    ``<out>/best`` (:func:`save_best`)."""
     tc, model = cfg.train, ctx.model
     rank, world = session.rank, session.world
     batches = QueryBatches(queries, tc.batch_size, tc.seed, shard=rank, num_shards=world)
@@ -315,6 +347,9 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     known = kg.filter_index(("train",))
     step, history, seconds_before, eval_seconds = 0, [], 0.0, 0.0
     resumed = session.resumed_state
+    best_mrr = _kept_best_mrr(out) if resumed else None
+    if not resumed and rank == 0:  # a fresh run: an older run's best is not this one's
+        shutil.rmtree(out / BEST_SUBDIR, ignore_errors=True)
     if resumed:
         batches.load_state_dict(resumed["data"])
         generator.set_state(resumed["generator"])
@@ -331,7 +366,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
 
     def validate(epoch: int, parts) -> None:
         """Validation round: log, and report with the state a resume needs."""
-        nonlocal eval_seconds, window
+        nonlocal eval_seconds, window, best_mrr
         eval_start = time.perf_counter()
         val = evaluate_model(model, ctx.collator, ctx.features, kg, split="valid",
                              batch_size=cfg.eval.batch_size, max_queries=tc.val_max_queries,
@@ -346,6 +381,9 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         logger.log(record)
         if show:
             show({"step": step, "steps": steps, "epoch": epoch, "val_mrr": record["val_mrr"]})
+        if session.any_rank(best_mrr is None or record["val_mrr"] > best_mrr):
+            best_mrr = record["val_mrr"]
+            save_best(model, out, record, rank, gather)
         window = []
         session.report(record, {
             "data": batches.state_dict(), "generator": generator.get_state(), "step": step,

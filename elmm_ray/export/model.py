@@ -11,6 +11,9 @@ Layout of an export::
                           elmm_export.json names the feature store to read)
     tokenizer/            the tokenizer
     entities.tsv, relations.tsv   id, name / text (the vocabularies)
+    adapter/              the LoRA adapter in PEFT format (unmerged; :mod:`.adapter`)
+    README.md             the model card (:mod:`.card`)
+    metrics_<split>.json  the filtered ranking of the exported weights (when given)
 
 Loading uses safetensors and ``from_pretrained`` only: no pickle.
 """
@@ -34,11 +37,20 @@ from elmm_ray.data.feature_store import FeatureStore
 from elmm_ray.data.image_features import FeatureBank
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import refresh_entity_cache
+from elmm_ray.eval.report import write_metrics_json
+from elmm_ray.export.adapter import save_peft_adapter
+from elmm_ray.export.card import CardFacts, write_card
 from elmm_ray.layout import RunLayout
-from elmm_ray.models.build import build_elmm
+from elmm_ray.models.backbone import resolve_dtype
+from elmm_ray.models.build import TINY, build_elmm
 from elmm_ray.models.elmm import ELMM
-from elmm_ray.models.lora import merge_lora
-from elmm_ray.models.pruned import is_pruned, save_pruned_backbone
+from elmm_ray.models.lora import lora_layers, merge_lora
+from elmm_ray.models.pruned import (
+    MODEL_BACKBONE_SUBDIR,
+    is_pruned,
+    load_any_backbone,
+    save_pruned_backbone,
+)
 from elmm_ray.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,13 +75,41 @@ def _module_state(model: ELMM) -> dict[str, torch.Tensor]:
     return state
 
 
+def base_model_source(cfg: Config, pruned: bool) -> dict:
+    """The unmerged backbone the run's LoRA adapters were trained on: ``kind`` (``tiny``:
+    random-init from the config's seed, saved once in the run; ``pruned``: the run's pruned
+    backbone; ``checkpoint``: a hub id or folder) and ``path``."""
+    layout = RunLayout.of(cfg)
+    if pruned:
+        return {"kind": "pruned",
+                "path": str(layout.pruned_model / MODEL_BACKBONE_SUBDIR)}
+    if cfg.model.backbone == TINY:
+        return {"kind": "tiny", "path": str(layout.backbone), "seed": cfg.seed}
+    return {"kind": "checkpoint", "path": cfg.model.backbone}
+
+
+def visual_tokens_per_query(cfg: Config, features) -> int:
+    """LLM input tokens of a query that carry the head entity's images."""
+    if cfg.model.uncompressed:
+        return cfg.images.max_images_per_entity * int(features.feature_shape[0])
+    return cfg.mvtc.n_visual + cfg.mvtc.n_text
+
+
 def export_model(model: ELMM, tokenizer, collator: QueryCollator, features,
-                 kg: KnowledgeGraph, cfg: Config, out_dir: str | Path) -> Path:
-    """Write ``model`` (LoRA is merged here, in place) as a self-contained directory."""
+                 kg: KnowledgeGraph, cfg: Config, out_dir: str | Path, *,
+                 metrics: dict | None = None, checkpoint: dict | None = None) -> Path:
+    """Write ``model`` (LoRA is merged here, in place) as a self-contained directory, with
+    its unmerged LoRA adapter in PEFT format and a model card. ``metrics``: the filtered
+    ranking of these weights (for the card); ``checkpoint``: which weights they are
+    (:func:`elmm_ray.train.context.final_checkpoint`)."""
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    pruned = checkpoint["pruned"] if checkpoint else is_pruned(model)
+    base = base_model_source(cfg, pruned)
+    adapter = (save_peft_adapter(model, out / "adapter", base["path"])
+               if lora_layers(model) else None)
     merged = merge_lora(model)
     model.eval()
     if is_pruned(model):  # per-layer shapes differ from config.json: save them with the weights
@@ -107,9 +147,49 @@ def export_model(model: ELMM, tokenizer, collator: QueryCollator, features,
             "features": "features.safetensors" if embedded else None,
             "feature_store": None if embedded else getattr(features, "path", None),
             "max_images_per_entity": cfg.images.max_images_per_entity,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "checkpoint": checkpoint, "base_model": base, "adapter": adapter,
+            "visual_tokens_per_query": visual_tokens_per_query(cfg, features),
+            "metrics": f"metrics_{metrics['split']}.json" if metrics else None}
+    if metrics:
+        write_metrics_json(metrics, out / meta["metrics"])
+    head, relation, _ = kg.triples["test"][0] if len(kg.triples["test"]) else kg.triples[
+        "train"][0]
+    write_card(CardFacts(
+        name=f"{kg.name}-{Path(cfg.run_dir).name}", cfg=cfg, stats=kg.stats(), metrics=metrics,
+        checkpoint=checkpoint, adapter=adapter, base=base,
+        visual_tokens=meta["visual_tokens_per_query"], parameters=meta["parameters"],
+        example=(kg.entities[head], kg.relation_texts[relation])), out)
     (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def load_base_backbone(path: str | Path):
+    """The unmerged backbone an export's ``adapter/`` loads onto (``PeftModel.from_pretrained
+    (load_base_backbone(path), path / "adapter")``): the hub checkpoint (embeddings resized
+    to the export's tokenizer), the run's pruned backbone, or the tiny random-init backbone,
+    read from the run when its folder is still there and rebuilt from ``config.yaml`` and
+    its seed otherwise."""
+    path = Path(path)
+    meta = _read_meta(path)
+    base = meta.get("base_model")
+    if not base:
+        raise ValueError(f"{path / MARKER} names no base model (an export older than "
+                         "adapters); export the run again")
+    cfg = load_config(path / "config.yaml", [f"model.backbone={base['path']}"])
+    dtype = resolve_dtype(cfg.model.dtype)
+    if base["kind"] == "tiny" and not (Path(base["path"]) / "config.json").is_file():
+        tiny = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=TINY))
+        return build_elmm(tiny, num_entities=meta["num_entities"],
+                          tokenizer=load_tokenizer(path / "tokenizer")).backbone
+    if base["kind"] == "pruned" and not Path(base["path"]).is_dir():
+        raise FileNotFoundError(f"the pruned base backbone {base['path']} is gone (it lives in "
+                                "the run directory); export from the run again")
+    backbone = load_any_backbone(base["path"], dtype)
+    tokens = len(load_tokenizer(path / "tokenizer"))
+    if tokens > backbone.get_input_embeddings().num_embeddings:
+        backbone.resize_token_embeddings(tokens)
+    return backbone
 
 
 @dataclass
@@ -169,13 +249,7 @@ class ExportedModel:
         return [list(zip(i.tolist(), s.tolist())) for i, s in zip(top.indices, top.values)]
 
 
-def _read_tsv(path: Path) -> list[list[str]]:
-    return [line.split("\t") for line in path.read_text().splitlines()]
-
-
-def load_export(path: str | Path) -> ExportedModel:
-    """Load an export directory written by :func:`export_model`."""
-    path = Path(path)
+def _read_meta(path: Path) -> dict:
     if not is_export(path):
         raise FileNotFoundError(f"{path} is not an elmm_ray export (missing {MARKER}); "
                                 "write one with `elmm-ray export RUN_DIR`")
@@ -183,6 +257,17 @@ def load_export(path: str | Path) -> ExportedModel:
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: export format {meta.get('format')} is not supported "
                          f"(this version reads format {EXPORT_FORMAT})")
+    return meta
+
+
+def _read_tsv(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text().splitlines()]
+
+
+def load_export(path: str | Path) -> ExportedModel:
+    """Load an export directory written by :func:`export_model`."""
+    path = Path(path)
+    meta = _read_meta(path)
     cfg = load_config(path / "config.yaml", [f"model.backbone={path / 'backbone'}"])
     tokenizer = load_tokenizer(path / "tokenizer")
     entity_rows, relation_rows = _read_tsv(path / "entities.tsv"), _read_tsv(path / "relations.tsv")
