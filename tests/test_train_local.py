@@ -64,3 +64,38 @@ def test_eval_cli_reproduces_training_figures(trained, capsys):
         assert written["overall"][key] == pytest.approx(summary["metrics"]["overall"][key],
                                                         abs=1e-6)
     assert f"{summary['metrics']['overall']['mrr']:.4f}" in out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_evaluation_equals_one_process(trained, world):
+    """Validation split across ranks (each an equal, padded slice; ranks gathered) gives the
+    metrics of one process ranking every query. The ranks run here one after another: the
+    first pass records each rank's slice, the second hands every rank all of them."""
+    import torch
+
+    from elmm_ray.eval.evaluate import evaluate_model
+
+    cfg, kg, _ = trained
+    ctx = load_trained_context(cfg, kg)
+    args = (ctx.model, ctx.collator, ctx.features, kg)
+    kwargs = dict(split="valid", batch_size=7, ks=cfg.eval.hits_at)
+    whole = evaluate_model(*args, **kwargs)
+    slices: dict[int, torch.Tensor] = {}
+
+    def record(rank):
+        def gather(local):
+            slices[rank] = local
+            return torch.cat([local] * world)
+        return gather
+
+    for rank in range(world):
+        evaluate_model(*args, **kwargs, shard=(rank, world), all_gather=record(rank))
+    assert len({tuple(t.shape) for t in slices.values()}) == 1  # equal slices (padded)
+    every = torch.cat([slices[r] for r in range(world)])
+    for rank in range(world):
+        sharded = evaluate_model(*args, **kwargs, shard=(rank, world),
+                                 all_gather=lambda local: every)
+        assert sharded["num_queries"] == whole["num_queries"]
+        for key, value in whole["overall"].items():
+            assert sharded["overall"][key] == pytest.approx(value, abs=1e-9), key
+        assert sharded["head"] == pytest.approx(whole["head"])

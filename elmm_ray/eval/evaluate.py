@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -69,19 +69,43 @@ def select_queries(kg: KnowledgeGraph, split: str, max_queries: int, seed: int =
 
 def evaluate_model(model: ELMM, collator: QueryCollator, features: FeatureBank,
                    kg: KnowledgeGraph, *, split: str = "test", batch_size: int = 256,
-                   max_queries: int = 0, ks: Sequence[int] = (1, 3, 10)) -> dict:
-    """Filtered ranking metrics of ``split`` (both directions) against every entity."""
+                   max_queries: int = 0, ks: Sequence[int] = (1, 3, 10),
+                   shard: tuple[int, int] = (0, 1),
+                   all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   refresh: bool = True) -> dict:
+    """Filtered ranking metrics of ``split`` (both directions) against every entity.
+
+    ``shard=(rank, world)`` with ``all_gather`` (every rank's equally shaped tensor,
+    concatenated in rank order): each rank encodes and ranks an equal slice of the queries
+    (the last padded, so every rank runs the same forwards, as ZeRO-3 needs) and the ranks
+    are gathered; every rank returns the metrics of all queries. ``refresh=False``: the
+    caller has refreshed the entity cache (sharded) already."""
     was_training = model.training
     model.eval()
     try:
         queries = select_queries(kg, split, max_queries)
-        refresh_entity_cache(model, collator, features, batch_size)  # a fresh encoding
-        vectors = encode_queries(model, collator, features, queries, batch_size)
+        if refresh:
+            refresh_entity_cache(model, collator, features, batch_size)  # a fresh encoding
+        rank, world = shard
+        total = len(queries)
+        per_rank = -(-total // world) if total else 0
+        mine = np.arange(rank * per_rank, (rank + 1) * per_rank).clip(max=max(total - 1, 0))
+        part = queries[mine] if total else queries
+        vectors = encode_queries(model, collator, features, part, batch_size)
         with torch.no_grad():
             table = model.entity_vectors().float()  # ranked on the model's device
-        result = rank_with_vectors(vectors.to(table.device), table, queries, kg.filter_index(),
+        result = rank_with_vectors(vectors.to(table.device), table, part, kg.filter_index(),
                                    batch_size=1024, cosine=True, temperature=model.temperature)
-        metrics = evaluate_ranking(result.ranks, result.top1, queries, kg.num_relations,
+        ranks, top1 = result.ranks, result.top1
+        if world > 1:
+            if all_gather is None:
+                raise ValueError("a sharded evaluation needs all_gather")
+            both = torch.stack([torch.as_tensor(ranks, dtype=torch.float64),
+                                torch.as_tensor(top1, dtype=torch.float64)], dim=1)
+            gathered = all_gather(both)[:total].numpy()
+            ranks = gathered[:, 0].astype(result.ranks.dtype)
+            top1 = gathered[:, 1].astype(result.top1.dtype)
+        metrics = evaluate_ranking(ranks, top1, queries, kg.num_relations,
                                    kg.relation_categories, kg.triples["train"], ks=ks)
         metrics["split"] = split
         metrics["num_queries"] = int(len(queries))

@@ -368,9 +368,13 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         """Validation round: log, and report with the state a resume needs."""
         nonlocal eval_seconds, window, best_mrr
         eval_start = time.perf_counter()
+        # Each rank ranks its share of the validation queries (no duplicate work).
+        if model.encodes_entities:
+            refresh_entity_cache(ctx, cfg.eval.batch_size, session)
         val = evaluate_model(model, ctx.collator, ctx.features, kg, split="valid",
                              batch_size=cfg.eval.batch_size, max_queries=tc.val_max_queries,
-                             ks=cfg.eval.hits_at)
+                             ks=cfg.eval.hits_at, shard=(rank, world),
+                             all_gather=session.all_gather, refresh=False)
         eval_seconds += time.perf_counter() - eval_start
         record = {"step": step, "epoch": epoch, "loss": float(np.mean(window)),
                   "task_loss": parts.task, "knowledge_loss": parts.knowledge, "lr": engine.lr,
