@@ -218,3 +218,22 @@ def test_encoder_entities_under_zero3_match_a_single_process(tmp_path_factory, b
     summary = train_ray(cfg, load_dataset(cfg))
     assert summary["steps"] > 4  # the sharded refresh ran on both ranks
     _assert_close(_trainable(cfg), _trainable(local_cfg), atol=2e-4)
+
+
+def test_eval_runs_on_ray_workers_and_the_driver_never_builds_the_model(zero2_run):
+    """The eval stage of a Ray run: 2 workers each rank half of the test queries; the driver
+    (forbidden to build the model) only gathers, and the metrics equal one process's."""
+    from elmm_ray.models.build import forbid_model_build
+    from elmm_ray.train.ray_eval import eval_workers, evaluate_on_ray
+
+    cfg, _ = zero2_run
+    kg = load_dataset(cfg)
+    assert eval_workers(cfg) == 2
+    with forbid_model_build("the driver only orchestrates (test)"):
+        on_ray = evaluate_on_ray(cfg, kg)
+        with pytest.raises(RuntimeError, match="must not build it"):  # the guard works
+            load_trained_context(cfg, kg)
+    here = evaluate(cfg, kg, load_trained_context(cfg, kg))
+    assert on_ray["num_queries"] == here["num_queries"] > 0
+    for key, value in here["overall"].items():
+        assert on_ray["overall"][key] == pytest.approx(value, abs=1e-9), key

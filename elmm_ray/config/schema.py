@@ -312,6 +312,10 @@ class EvalConfig:
     hits_at: list[Int] = Field(
         default_factory=lambda: [1, 3, 10], description="k values of Hits@k (non-empty, each >= 1)"
     )
+    workers: Int | None = Field(
+        None, ge=0, description="Ray workers that each encode and rank a slice of the queries "
+        "(resources as a training worker: train.cpus_per_worker, a GPU with train.use_gpu); "
+        "0 = in this process; null = train.num_workers with train.backend=ray, else 0")
 
     @field_validator("hits_at")
     @classmethod

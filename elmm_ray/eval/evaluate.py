@@ -67,6 +67,39 @@ def select_queries(kg: KnowledgeGraph, split: str, max_queries: int, seed: int =
     return np.concatenate([queries[keep], queries[n + keep]])
 
 
+def shard_indices(total: int, rank: int, world: int) -> np.ndarray:
+    """Rank ``rank``'s equal slice of ``total`` items: contiguous, the last padded with the
+    final item, so every rank runs the same forwards (as ZeRO-3 needs) and the slices
+    concatenated in rank order, cut to ``total``, are the items in order."""
+    per_rank = -(-total // world) if total else 0
+    return np.arange(rank * per_rank, (rank + 1) * per_rank).clip(max=max(total - 1, 0))
+
+
+@torch.no_grad()
+def rank_shard(model: ELMM, collator: QueryCollator, features: FeatureBank,
+               kg: KnowledgeGraph, queries: np.ndarray, batch_size: int,
+               shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
+    """Filtered ranks and top-1 entities of this rank's slice of ``queries`` (the entity
+    cache, in encoder modes, must be fresh)."""
+    rank, world = shard
+    part = queries[shard_indices(len(queries), rank, world)] if len(queries) else queries
+    vectors = encode_queries(model, collator, features, part, batch_size)
+    table = model.entity_vectors().float()  # ranked on the model's device
+    result = rank_with_vectors(vectors.to(table.device), table, part, kg.filter_index(),
+                               batch_size=1024, cosine=True, temperature=model.temperature)
+    return result.ranks, result.top1
+
+
+def metrics_of(kg: KnowledgeGraph, split: str, queries: np.ndarray, ranks: np.ndarray,
+               top1: np.ndarray, ks: Sequence[int] = (1, 3, 10)) -> dict:
+    """The metrics table of ranked ``queries`` (overall, per direction and category)."""
+    metrics = evaluate_ranking(ranks, top1, queries, kg.num_relations, kg.relation_categories,
+                               kg.triples["train"], ks=ks)
+    metrics["split"] = split
+    metrics["num_queries"] = int(len(queries))
+    return metrics
+
+
 def evaluate_model(model: ELMM, collator: QueryCollator, features: FeatureBank,
                    kg: KnowledgeGraph, *, split: str = "test", batch_size: int = 256,
                    max_queries: int = 0, ks: Sequence[int] = (1, 3, 10),
@@ -77,38 +110,23 @@ def evaluate_model(model: ELMM, collator: QueryCollator, features: FeatureBank,
 
     ``shard=(rank, world)`` with ``all_gather`` (every rank's equally shaped tensor,
     concatenated in rank order): each rank encodes and ranks an equal slice of the queries
-    (the last padded, so every rank runs the same forwards, as ZeRO-3 needs) and the ranks
-    are gathered; every rank returns the metrics of all queries. ``refresh=False``: the
-    caller has refreshed the entity cache (sharded) already."""
+    (:func:`shard_indices`) and the ranks are gathered; every rank returns the metrics of
+    all queries. ``refresh=False``: the caller has refreshed the entity cache already."""
     was_training = model.training
     model.eval()
     try:
         queries = select_queries(kg, split, max_queries)
         if refresh:
             refresh_entity_cache(model, collator, features, batch_size)  # a fresh encoding
-        rank, world = shard
-        total = len(queries)
-        per_rank = -(-total // world) if total else 0
-        mine = np.arange(rank * per_rank, (rank + 1) * per_rank).clip(max=max(total - 1, 0))
-        part = queries[mine] if total else queries
-        vectors = encode_queries(model, collator, features, part, batch_size)
-        with torch.no_grad():
-            table = model.entity_vectors().float()  # ranked on the model's device
-        result = rank_with_vectors(vectors.to(table.device), table, part, kg.filter_index(),
-                                   batch_size=1024, cosine=True, temperature=model.temperature)
-        ranks, top1 = result.ranks, result.top1
-        if world > 1:
+        ranks, top1 = rank_shard(model, collator, features, kg, queries, batch_size, shard)
+        if shard[1] > 1:
             if all_gather is None:
                 raise ValueError("a sharded evaluation needs all_gather")
             both = torch.stack([torch.as_tensor(ranks, dtype=torch.float64),
                                 torch.as_tensor(top1, dtype=torch.float64)], dim=1)
-            gathered = all_gather(both)[:total].numpy()
-            ranks = gathered[:, 0].astype(result.ranks.dtype)
-            top1 = gathered[:, 1].astype(result.top1.dtype)
-        metrics = evaluate_ranking(ranks, top1, queries, kg.num_relations,
-                                   kg.relation_categories, kg.triples["train"], ks=ks)
-        metrics["split"] = split
-        metrics["num_queries"] = int(len(queries))
-        return metrics
+            gathered = all_gather(both)[:len(queries)].numpy()
+            ranks = gathered[:, 0].astype(ranks.dtype)
+            top1 = gathered[:, 1].astype(top1.dtype)
+        return metrics_of(kg, split, queries, ranks, top1, ks)
     finally:
         model.train(was_training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -22,6 +23,18 @@ from elmm_ray.models.tokenizer import (
 )
 
 TINY = "tiny"
+_FORBIDDEN: list[str] = []  # why this process may not build the model (a guard, see below)
+
+
+@contextlib.contextmanager
+def forbid_model_build(why: str):
+    """While active, :func:`build_elmm` in this process raises: e.g. a driver that only
+    orchestrates (its model work belongs on Ray workers, which are other processes)."""
+    _FORBIDDEN.append(why)
+    try:
+        yield
+    finally:
+        _FORBIDDEN.pop()
 
 
 def build_tokenizer(cfg: Config, texts: Iterable[str]) -> PreTrainedTokenizerBase:
@@ -41,6 +54,9 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
     ``feature_width``: the width of the visual features it will read (the feature store's);
     None or the vision tower's width: features go straight into MVTC / the projector, else
     through a trainable linear map (precomputed embeddings of another encoder)."""
+    if _FORBIDDEN:
+        raise RuntimeError(f"the model was built in a process that must not build it: "
+                           f"{_FORBIDDEN[-1]}")
     model = cfg.model
     dtype = resolve_dtype(model.dtype)
     with torch.random.fork_rng(devices=[]):

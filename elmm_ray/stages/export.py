@@ -11,7 +11,7 @@ from elmm_ray.data.dataset import load_dataset
 from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.export import MARKER, export_model, load_export
 from elmm_ray.layout import RunLayout, read_json
-from elmm_ray.stages.base import Stage, StageContext, register
+from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, register
 from elmm_ray.stages.train import evaluate
 from elmm_ray.train.context import final_checkpoint, final_context
 
@@ -65,6 +65,7 @@ def eval_export(model_dir: str | Path, split: str = "", max_queries: int | None 
 
 
 EXPORT = register(Stage(
-    name="export", reads=("eval", "export"), needs=export_needs, run=run_export,
+    name="export", reads=("eval", "export"), exclude=RUN_ONLY_KEYS, needs=export_needs,
+    run=run_export,
     describe=lambda m: m["out_dir"],
     outputs_exist=lambda layout, cfg: (layout.export_dir / MARKER).is_file()))

@@ -7,9 +7,11 @@ from elmm_ray.config import Config
 from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.eval.report import write_metrics_json
 from elmm_ray.layout import RunLayout
+from elmm_ray.models.build import forbid_model_build
 from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, image_stage, register
 from elmm_ray.train.context import ModelContext, load_trained_context
 from elmm_ray.train.loop import LoopSpec
+from elmm_ray.train.ray_eval import eval_workers, evaluate_on_ray
 from elmm_ray.train.trainer import train
 
 
@@ -54,8 +56,11 @@ def train_needs(cfg: Config) -> tuple[str, ...]:
 
 def run_eval(ctx: StageContext) -> dict:
     cfg = ctx.cfg
-    model = load_trained_context(cfg, ctx.kg)
-    metrics = evaluate(cfg, ctx.kg, model)
+    if eval_workers(cfg):  # the model is built and run on Ray workers only
+        with forbid_model_build("eval runs on Ray workers (eval.workers > 0)"):
+            metrics = evaluate_on_ray(cfg, ctx.kg)
+    else:
+        metrics = evaluate(cfg, ctx.kg, load_trained_context(cfg, ctx.kg))
     path = write_metrics(cfg, metrics)
     return {"split": metrics["split"], "metrics_file": str(path),
             "overall": metrics["overall"], "num_queries": metrics["num_queries"]}
@@ -71,7 +76,8 @@ TRAIN = register(Stage(
     artifacts=("train", "tokenizer", "backbone")))
 
 EVAL = register(Stage(
-    name="eval", reads=("eval",), needs=lambda cfg: ("train",), run=run_eval,
+    name="eval", reads=("eval",), exclude=RUN_ONLY_KEYS, needs=lambda cfg: ("train",),
+    run=run_eval,
     describe=lambda m: (f"{m['split']} MRR {m['overall']['mrr']:.4f} over "
                         f"{m['num_queries']:,} queries"),
     outputs_exist=lambda layout, cfg: layout.metrics_file(cfg.eval.split).is_file()))
