@@ -328,7 +328,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
               "train.learning_rate", "train.num_negatives", "train.knowledge_weight",
               "train.num_workers", "train.use_gpu", "deepspeed.zero_stage", "lora.r",
               "model.entity_repr"),
-    "eval": ("eval.split", "eval.max_queries", "eval.batch_size", "eval.hits_at"),
+    "eval": ("eval.split", "eval.max_queries", "eval.batch_size", "eval.hits_at", "eval.workers"),
     "extract": ("images.max_images_per_entity", "model.vision_feature_layer",
                 "model.feature_pool", "ray.data_actors", "ray.data_actor_cpus",
                 "ray.data_actor_gpus", "ray.data_batch_size", "dataset.visual_embeddings.path"),

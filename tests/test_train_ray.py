@@ -224,6 +224,7 @@ def test_eval_runs_on_ray_workers_and_the_driver_never_builds_the_model(zero2_ru
     """The eval stage of a Ray run: 2 workers each rank half of the test queries; the driver
     (forbidden to build the model) only gathers, and the metrics equal one process's."""
     from elmm_ray.models.build import forbid_model_build
+    from elmm_ray.stages.export import export_on_ray
     from elmm_ray.train.ray_eval import eval_workers, evaluate_on_ray
 
     cfg, _ = zero2_run
@@ -233,7 +234,11 @@ def test_eval_runs_on_ray_workers_and_the_driver_never_builds_the_model(zero2_ru
         on_ray = evaluate_on_ray(cfg, kg)
         with pytest.raises(RuntimeError, match="must not build it"):  # the guard works
             load_trained_context(cfg, kg)
+        exported = export_on_ray(cfg)
     here = evaluate(cfg, kg, load_trained_context(cfg, kg))
     assert on_ray["num_queries"] == here["num_queries"] > 0
     for key, value in here["overall"].items():
         assert on_ray["overall"][key] == pytest.approx(value, abs=1e-9), key
+    # The export made on a worker is the trained model: its own evaluation agrees.
+    assert eval_export(exported)["overall"]["mrr"] == pytest.approx(
+        here["overall"]["mrr"], abs=1e-6)

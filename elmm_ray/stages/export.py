@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from elmm_ray.config import Config
+import torch
+
+from elmm_ray.config import Config, config_from_dict, config_to_dict
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.export import MARKER, export_model, load_export
 from elmm_ray.layout import RunLayout, read_json
+from elmm_ray.models.build import forbid_model_build
+from elmm_ray.ray_session import init_ray
 from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, register
 from elmm_ray.stages.train import evaluate
 from elmm_ray.train.context import final_checkpoint, final_context
@@ -34,8 +38,31 @@ def export_run(cfg: Config, kg, out_dir: str | Path | None = None,
                         checkpoint=chosen)
 
 
+def _export_task(config: dict) -> str:
+    cfg = config_from_dict(config)
+    torch.set_num_threads(cfg.train.threads_per_worker)
+    return str(export_run(cfg, load_dataset(cfg)))
+
+
+def export_on_ray(cfg: Config) -> Path:
+    """:func:`export_run` on a Ray worker with a training worker's resources (CPUs, a GPU
+    with ``train.use_gpu``): the merge of a 7B model needs the memory of a GPU node, not
+    of the head the driver runs on. The run directory must be reachable from the worker."""
+    import ray
+
+    init_ray(cfg.ray)
+    task = ray.remote(_export_task).options(
+        num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
+        max_retries=1)
+    return Path(ray.get(task.remote(config_to_dict(cfg))))
+
+
 def run_export(ctx: StageContext) -> dict:
-    out = export_run(ctx.cfg, ctx.kg)
+    if ctx.cfg.train.backend == "ray":
+        with forbid_model_build("export runs on a Ray worker (train.backend=ray)"):
+            out = export_on_ray(ctx.cfg)
+    else:
+        out = export_run(ctx.cfg, ctx.kg)
     meta = read_json(out / MARKER)
     record = (meta["checkpoint"] or {}).get("record") or {}
     return {"out_dir": str(out), "parameters": meta["parameters"],
