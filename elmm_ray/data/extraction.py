@@ -117,7 +117,7 @@ def _decode_batch(batch: dict, *, todo: np.ndarray, image_size: int) -> pa.Table
     """Keep the rows still to do; decode + CLIP-preprocess each (a failure is recorded)."""
     from PIL import Image
 
-    from elmm_ray.models.backbone import preprocess_images
+    from elmm_ray.data.pixels import clip_pixels  # PIL + numpy: no torch, no transformers
 
     keep = np.isin(image_keys(batch["entity"], batch["image_index"]), todo)
     n = int(keep.sum())
@@ -127,7 +127,7 @@ def _decode_batch(batch: dict, *, todo: np.ndarray, image_size: int) -> pa.Table
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                pixels[i] = preprocess_images([img], image_size)[0].numpy()
+                pixels[i] = clip_pixels([img], image_size)[0]
             errors.append("")
         except Exception as err:  # noqa: BLE001 - any decode failure is recorded, not raised
             errors.append(f"decode failed at extract: {type(err).__name__}: {err}")
@@ -357,9 +357,10 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
                         fn_kwargs={"todo": todo, "image_size": geometry["image_size"]},
                         compute=ray.data.TaskPoolStrategy(size=decode_tasks),
                         num_cpus=decode_cpus,
-                        # A decode worker holds torch + transformers (~350 MB) and batches of
-                        # pixels. A memory request unlike the actors' also keeps Ray from
-                        # fusing decoding into the actors: it must overlap inference.
+                        # A decode worker holds PIL + numpy (no torch, no transformers: it
+                        # starts in under a second) and batches of pixels. A memory request
+                        # unlike the actors' also keeps Ray from fusing decoding into the
+                        # actors: it must overlap inference.
                         memory=512 * 2**20 + 2 * pixel_bytes)
     ds = ds.map_batches(
         _TowerActor, batch_size=batch_size, batch_format="numpy",

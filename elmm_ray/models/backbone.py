@@ -11,7 +11,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -23,8 +22,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+from elmm_ray.data.pixels import CLIP_MEAN, CLIP_STD, clip_pixels
 
 _DTYPES = {
     "float32": torch.float32,
@@ -159,49 +157,15 @@ def num_image_tokens(image_size: int, patch_size: int, pool: int = 1) -> int:
     return side * side
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        low, high = float(array.min()), float(array.max())
-        scale = 255.0 / (high - low) if high > low else 0.0
-        image = Image.fromarray(((array - low) * scale).astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def preprocess_images(
     images: list[Image.Image],
     image_size: int,
     mean: tuple[float, float, float] = CLIP_MEAN,
     std: tuple[float, float, float] = CLIP_STD,
 ) -> torch.Tensor:
-    """CLIP preprocessing: RGB, bicubic shortest-side resize, centre crop, normalise.
-
-    Returns float32 pixel values of shape ``(n, 3, image_size, image_size)``.
-    """
-    out = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
-    mean_array = np.asarray(mean, dtype=np.float32)[:, None, None]
-    std_array = np.asarray(std, dtype=np.float32)[:, None, None]
-    for i, image in enumerate(images):
-        image = _to_rgb(image)
-        width, height = image.size
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = max(image_size, int(image_size * long / short))
-        size = (image_size, new_long) if width <= height else (new_long, image_size)
-        image = image.resize(size, resample=Image.Resampling.BICUBIC)
-        width, height = image.size
-        left = (width - image_size) // 2
-        top = (height - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        out[i] = (pixels - mean_array) / std_array
-    return torch.from_numpy(out)
+    """CLIP preprocessing (:func:`elmm_ray.data.pixels.clip_pixels`) as a float32 tensor of
+    shape ``(n, 3, image_size, image_size)``."""
+    return torch.from_numpy(clip_pixels(images, image_size, mean, std))
 
 
 def encode_images(
