@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
@@ -22,6 +22,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
+
+from elmm_ray.models.tokenizer import warn_remote_code
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -114,9 +116,11 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def load_backbone(
-    name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32"
+    name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
+    trust_remote_code: bool = False,
 ) -> LlavaForConditionalGeneration:
-    """Load a pretrained Llava checkpoint from a local directory or a HF hub id."""
+    """Load a pretrained Llava checkpoint from a local directory or a HF hub id: weights from
+    safetensors only (never a pickled ``*.bin``), remote code only when asked."""
     torch_dtype = resolve_dtype(dtype)
     name = str(name_or_path)
     path = Path(name).expanduser()
@@ -135,7 +139,9 @@ def load_backbone(
     else:
         source = name
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            source, dtype=torch_dtype, use_safetensors=True,
+            trust_remote_code=warn_remote_code(source, trust_remote_code))
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = "HF_HUB_OFFLINE is set, so only the local cache is searched; " if offline else ""
@@ -160,6 +166,9 @@ def num_image_tokens(image_size: int, patch_size: int, pool: int = 1) -> int:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as a viewer shows it: EXIF orientation applied, 16-bit and float scaled to 8 bit,
+    transparency composited on white."""
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         array = np.asarray(image, dtype=np.float32)
         low, high = float(array.min()), float(array.max())
