@@ -411,7 +411,9 @@ def main(argv: list[str] | None = None, *, whole_process: bool | None = None) ->
     _STATE["run_dir"] = None
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError, KeyError, ValueError) as err:
+    except (ConfigError, DatasetError, OSError, KeyError, ValueError) as err:
+        # Bad input (a file, a key, a value, a checkpoint, a cluster that refuses us): the
+        # message without a traceback (-v shows it).
         if args.verbose:
             raise
         print(f"error: {err}", file=sys.stderr)
