@@ -66,6 +66,7 @@ def print_stats(stats: dict, warnings: list[str]) -> None:
     ]
     rows += [(f"relations {c}", str(n)) for c, n in stats["relation_categories"].items()]
     rows += [(f"duplicate rows: {s}", f"{n:,}") for s, n in stats["duplicate_triples"].items()]
+    rows += [(f"{k} only in valid/test", f"{n:,}") for k, n in stats["unseen_in_train"].items()]
     print(format_table(rows, title=f"dataset {stats['name']}"))
     for w in warnings:
         print(f"warning: {w}")
