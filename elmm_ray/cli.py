@@ -66,6 +66,7 @@ def print_stats(stats: dict, warnings: list[str]) -> None:
     ]
     rows += [(f"relations {c}", str(n)) for c, n in stats["relation_categories"].items()]
     rows += [(f"duplicate rows: {s}", f"{n:,}") for s, n in stats["duplicate_triples"].items()]
+    rows += [(f"{k} only in valid/test", f"{n:,}") for k, n in stats["unseen_in_train"].items()]
     print(format_table(rows, title=f"dataset {stats['name']}"))
     for w in warnings:
         print(f"warning: {w}")
@@ -474,7 +475,9 @@ def main(argv: list[str] | None = None, *, whole_process: bool | None = None) ->
     _STATE["run_dir"] = None
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError, KeyError, ValueError) as err:
+    except (ConfigError, DatasetError, OSError, KeyError, ValueError) as err:
+        # Bad input (a file, a key, a value, a checkpoint, a cluster that refuses us): the
+        # message without a traceback (-v shows it).
         if args.verbose:
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -40,9 +40,16 @@ def init_ray(cfg: RayConfig | None = None, *, quiet: bool = True) -> None:
     # logs, which save_ray_logs copies into the run directory.
     log_to_driver = console.verbose()
     if address:
+        # Token authentication (Ray >= 2.60) is Ray's own: RAY_AUTH_MODE=token and the token
+        # in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, read by ray.init; the
+        # token is never copied into the runtime environment or the run directory.
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging_level,
-                 log_to_driver=log_to_driver)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging_level,
+                     log_to_driver=log_to_driver)
+        except ray.exceptions.AuthenticationError as err:
+            raise ConnectionError(f"the Ray cluster at {address} refused this client: "
+                                  f"{str(err).strip()}") from None
     else:
         kwargs: dict = dict(include_dashboard=cfg.include_dashboard,
                             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",

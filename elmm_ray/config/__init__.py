@@ -11,6 +11,7 @@ from elmm_ray.config.load import (
     dump_config,
     load_config,
     parse_overrides,
+    read_yaml,
 )
 from elmm_ray.config.presets import MODEL_PRESETS
 from elmm_ray.config.schema import (
@@ -35,5 +36,5 @@ __all__ = [
     "ExportConfig", "ImagesConfig", "KeyInfo", "LoraConfig", "MVTCConfig", "ModelConfig",
     "PruneConfig", "RayConfig", "SynthConfig", "TrainConfig", "TuneConfig", "all_keys",
     "build_config", "config_from_dict", "config_hash", "config_to_dict", "dump_config",
-    "format_keys", "json_schema", "key_info", "load_config", "parse_overrides",
+    "format_keys", "json_schema", "key_info", "load_config", "parse_overrides", "read_yaml",
 ]

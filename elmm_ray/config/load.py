@@ -24,7 +24,7 @@ from elmm_ray.config.schema import RULE_ERROR, Config
 
 __all__ = [
     "ConfigError", "build_config", "config_from_dict", "config_hash", "config_to_dict",
-    "dump_config", "load_config", "parse_overrides",
+    "dump_config", "load_config", "parse_overrides", "read_yaml",
 ]
 
 _ADAPTER = TypeAdapter(Config)
@@ -174,25 +174,66 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None,
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML would keep
+    the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first at line {seen[key]})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _first_bad_utf8_line(data: bytes) -> int:
+    for lineno, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return lineno
+    return 1
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML mapping from ``path``; every problem (missing, not UTF-8, bad YAML, a key given
+    twice, not a mapping) is one line of a :class:`ConfigError` naming ``path:line``."""
+    path = Path(path)
+    if not path.is_file():
+        state = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError([f"{what} {path} {state}"], str(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        hint = " (it is UTF-16)" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else ""
+        raise ConfigError([f"{path}:{_first_bad_utf8_line(data)}: not UTF-8 text{hint}; "
+                           "save it as UTF-8"], str(path)) from None
+    try:
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError([f"{where}: not valid YAML: {problem}"], str(path)) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError([f"{path}:1: must hold a mapping at the top level, not "
+                           f"{type(loaded).__name__}"], str(path))
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file (optional) and apply ``key=value`` overrides."""
-    data: dict = {}
-    source = ""
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError([f"config file {path} does not exist"], source)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError([f"{path} is not valid YAML: {err}"], source) from err
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError([f"{path} must hold a mapping at the top level"], source)
-        data = loaded
-    return build_config(data, overrides, source)
+    data = read_yaml(path) if path is not None else {}
+    return build_config(data, overrides, str(path) if path is not None else "")
 
 
 def config_to_dict(cfg: Any) -> dict:

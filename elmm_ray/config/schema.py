@@ -81,6 +81,8 @@ class ModelConfig:
     max_text_tokens: Int = Field(
         32, description="tokens kept of an entity's name + description", ge=4
     )
+    trust_remote_code: Bool = Field(False, description="let a HF checkpoint run its own Python "
+                                    "code when loaded (warned about; off: never)")
     # Tiny backbone sizes (ignored for a real checkpoint).
     vision_hidden: Int = Field(64, description="tiny CLIP width", ge=8)
     vision_layers: Int = Field(2, description="tiny CLIP layers", ge=1)

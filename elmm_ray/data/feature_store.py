@@ -239,13 +239,15 @@ def _vision_safetensors_files(source: str) -> list[str]:
         return []
 
 
-def vision_geometry(source: str, pool: int, layer: int) -> dict:
+def vision_geometry(source: str, pool: int, layer: int, trust_remote_code: bool = False
+                    ) -> dict:
     """``image_size``, ``tokens`` and ``width`` of the features of backbone ``source``."""
     from transformers import AutoConfig
 
     from elmm_ray.models.backbone import num_image_tokens
 
-    vision = AutoConfig.from_pretrained(source).vision_config
+    vision = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code
+                                        ).vision_config
     layers = vision.num_hidden_layers
     if not -(layers + 1) <= layer <= layers:
         raise ValueError(f"vision_feature_layer {layer} is outside the {layers}-layer tower "
@@ -278,7 +280,8 @@ def expected_metadata(cfg: Any, source: str, *, check_weights: bool = True) -> d
                                    cfg.images.max_images_per_entity)
     expect = {"layer": cfg.model.vision_feature_layer, "pool": cfg.model.feature_pool,
               "max_images_per_entity": cfg.images.max_images_per_entity}
-    geometry = vision_geometry(source, cfg.model.feature_pool, cfg.model.vision_feature_layer)
+    geometry = vision_geometry(source, cfg.model.feature_pool, cfg.model.vision_feature_layer,
+                               cfg.model.trust_remote_code)
     expect.update(tokens=geometry["tokens"], width=geometry["width"])
     if check_weights:
         expect["weights_fingerprint"] = vision_weights_fingerprint(source, cfg.model.dtype)

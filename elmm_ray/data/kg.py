@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from elmm_ray.data.kg_io import DatasetError, LoadReport, read_lines, read_text_table, readable_name
+from elmm_ray.data.kg_io import (
+    DatasetError,
+    LoadReport,
+    clip,
+    read_lines,
+    read_text_table,
+    readable_name,
+)
 from elmm_ray.data.kg_mygo import MYGO_FILES, load_mygo
 
 __all__ = ["DatasetError", "FilterIndex", "KnowledgeGraph", "LoadReport", "detect_format",
@@ -191,6 +198,7 @@ class KnowledgeGraph:
             "relation_categories": {c: self.relation_categories.count(c)
                                     for c in RELATION_CATEGORIES},
             "duplicate_triples": dict(self.report.duplicate_triples),
+            "unseen_in_train": dict(self.report.unseen),
             "warnings": len(self.report.warnings),
         }
 
@@ -206,7 +214,7 @@ def _read_mkgformer_triples(path: Path) -> list[tuple[str, str, str]]:
         parts = line.rstrip("\r").split("\t")
         if len(parts) != 3 or not all(p.strip() for p in parts):
             raise DatasetError(
-                f"{path}:{lineno}: expected 'head<TAB>relation<TAB>tail', got {line[:120]!r}"
+                f"{path}:{lineno}: expected 'head<TAB>relation<TAB>tail', got {clip(line, 120)}"
             )
         rows.append((parts[0].strip(), parts[1].strip(), parts[2].strip()))
     return rows
@@ -216,11 +224,11 @@ def _read_openke_vocab(path: Path) -> list[str]:
     """``count`` line then ``name<TAB or SPACE>id``; returns names indexed by id."""
     lines = [ln for ln in read_lines(path)]
     if not lines:
-        raise DatasetError(f"{path}: empty file (expected a count line)")
+        raise DatasetError(f"{path}:1: empty file (expected a count line)")
     try:
         count = int(lines[0].strip())
     except ValueError as err:
-        raise DatasetError(f"{path}:1: expected the entry count, got {lines[0][:80]!r}") from err
+        raise DatasetError(f"{path}:1: expected the entry count, got {clip(lines[0])}") from err
     names: dict[int, str] = {}
     for lineno, line in enumerate(lines[1:], 2):
         if not line.strip():
@@ -231,45 +239,51 @@ def _read_openke_vocab(path: Path) -> list[str]:
         try:
             i = int(idx)
         except ValueError as err:
-            raise DatasetError(f"{path}:{lineno}: expected 'name id', got {line[:120]!r}") from err
+            raise DatasetError(f"{path}:{lineno}: expected 'name id', got {clip(line)}"
+                               ) from err
         if i in names:
             raise DatasetError(f"{path}:{lineno}: id {i} appears twice")
         names[i] = name.strip()
     if len(names) != count:
-        raise DatasetError(f"{path}: the count line says {count} entries but {len(names)} follow")
+        raise DatasetError(f"{path}:1: the count line says {count} entries but {len(names)} "
+                           "follow; correct the count")
     if sorted(names) != list(range(count)):
-        raise DatasetError(f"{path}: ids are not exactly 0..{count - 1}")
+        missing = min(set(range(count)) - set(names))
+        raise DatasetError(f"{path}:1: ids are not exactly 0..{count - 1} (id {missing} is "
+                           "missing)")
     return [names[i] for i in range(count)]
 
 
 def _read_openke_triples(path: Path, n_ent: int, n_rel: int) -> np.ndarray:
     lines = read_lines(path)
     if not lines:
-        raise DatasetError(f"{path}: empty file (expected a count line)")
+        raise DatasetError(f"{path}:1: empty file (expected a count line)")
     try:
         count = int(lines[0].strip())
     except ValueError as err:
-        raise DatasetError(f"{path}:1: expected the triple count, got {lines[0][:80]!r}") from err
+        raise DatasetError(f"{path}:1: expected the triple count, got {clip(lines[0])}") from err
     rows = []
     for lineno, line in enumerate(lines[1:], 2):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 3:
-            raise DatasetError(f"{path}:{lineno}: expected 'head tail relation', got {line[:80]!r}")
+            raise DatasetError(f"{path}:{lineno}: expected 'head tail relation', got {clip(line)}")
         try:
             h, t, r = (int(p) for p in parts)
         except ValueError as err:
-            raise DatasetError(f"{path}:{lineno}: non-integer id in {line[:80]!r}") from err
+            raise DatasetError(f"{path}:{lineno}: non-integer id in {clip(line)}") from err
         if not (0 <= h < n_ent and 0 <= t < n_ent):
-            raise DatasetError(f"{path}:{lineno}: entity id out of range 0..{n_ent - 1}: {line!r}")
+            raise DatasetError(
+                f"{path}:{lineno}: entity id out of range 0..{n_ent - 1}: {clip(line)}")
         if not 0 <= r < n_rel:
             raise DatasetError(
-                f"{path}:{lineno}: relation id out of range 0..{n_rel - 1}: {line!r}"
+                f"{path}:{lineno}: relation id out of range 0..{n_rel - 1}: {clip(line)}"
             )
         rows.append((h, r, t))
     if len(rows) != count:
-        raise DatasetError(f"{path}: the count line says {count} triples but {len(rows)} follow")
+        raise DatasetError(f"{path}:1: the count line says {count} triples but {len(rows)} "
+                           "follow; correct the count")
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 
@@ -339,6 +353,40 @@ def _count_duplicates(split: str, arr: np.ndarray, report: LoadReport) -> None:
         report.warn(f"{split}: {dup} duplicate triple row(s) (kept as given)")
 
 
+def _count_unseen(parts: dict, report: LoadReport) -> None:
+    """Entities and relations of valid/test triples that no training triple holds: kept
+    (they are queries and answers like any other) but counted and reported."""
+    train = parts["triples"]["train"]
+    other = np.concatenate([parts["triples"][s] for s in SPLITS[1:]])
+    for kind, seen, used, names in (
+            ("entities", train[:, [0, 2]], other[:, [0, 2]], parts["entities"]),
+            ("relations", train[:, 1], other[:, 1], parts["relations"])):
+        unseen = np.setdiff1d(np.unique(used), np.unique(seen))
+        if len(unseen):
+            report.unseen[kind] = int(len(unseen))
+            examples = ", ".join(clip(names[i], 40) for i in unseen[:3])
+            report.warn(f"{len(unseen)} {kind} appear only in valid/test, never in train "
+                        f"(unseen in training: {examples}{', ...' if len(unseen) > 3 else ''})")
+
+
+def _count_gaps(parts: dict, report: LoadReport) -> None:
+    """Empty splits, entities without text, and entities / relations in no triple: loaded
+    as they are, reported with their counts."""
+    for split, arr in parts["triples"].items():
+        if not len(arr):
+            report.warn(f"{split}: no triples")
+    without_text = int((~parts["has_text"]).sum())
+    if without_text:
+        report.warn(f"{without_text} of {len(parts['has_text'])} entities without text (a "
+                    "readable form of their name is used)")
+    used = np.concatenate(list(parts["triples"].values()))
+    for kind, n, columns in (("entities", len(parts["entities"]), [0, 2]),
+                             ("relations", len(parts["relations"]), [1])):
+        isolated = n - len(np.unique(used[:, columns]))
+        if isolated:
+            report.warn(f"{isolated} {kind} appear in no triple of any split")
+
+
 def _load_mkgformer(path: Path, report: LoadReport, use_long_text: bool) -> dict:
     raw = {s: _read_mkgformer_triples(path / f) for s, f in MKGFORMER_FILES.items()}
     ent_text = read_text_table(path / "entity2text.txt", report)
@@ -361,6 +409,9 @@ def _load_mkgformer(path: Path, report: LoadReport, use_long_text: bool) -> dict
     listed = set(entities)
     entities += [e for e in in_triples if e not in listed]
     report.text_rows_unused = len(ent_text) - len(listed)
+    if report.text_rows_unused:
+        report.warn(f"{path / 'entity2text.txt'}: {report.text_rows_unused} row(s) name no "
+                    "entity of the triples; left out")
     relations = [r for r in rel_text if r in rels_seen]
     rel_listed = set(relations)
     relations += [r for r in rels_seen if r not in rel_listed]
@@ -385,7 +436,7 @@ def _load_mkgformer(path: Path, report: LoadReport, use_long_text: bool) -> dict
         names.append(name or readable_name(e))
         descs.append(long_text.get(e, desc))
     missing_rel_text = [r for r in relations if r not in rel_text]
-    if rel_text and missing_rel_text:
+    if rel_path.is_file() and missing_rel_text:
         report.warn(f"{len(missing_rel_text)} relation(s) without text in relation2text.txt")
     rel_texts = [rel_text.get(r, readable_name(r).replace(".", " ")) for r in relations]
     return dict(entities=entities, relations=relations, entity_names=names,
@@ -402,6 +453,10 @@ def _load_openke(path: Path, report: LoadReport) -> dict:
     }
     ent_text_path = path / "entity2text.txt"
     ent_text = read_text_table(ent_text_path, report) if ent_text_path.is_file() else {}
+    unused = len(set(ent_text) - set(entities))
+    if unused:
+        report.warn(f"{ent_text_path}: {unused} row(s) name no entity of entity2id.txt; "
+                    "left out")
     names, descs, has_text = [], [], []
     for e in entities:
         text = ent_text.get(e)
@@ -444,6 +499,8 @@ def load_kg(
         parts = load_mygo(path, report)
     for split, arr in parts["triples"].items():
         _count_duplicates(split, arr, report)
+    _count_unseen(parts, report)
+    _count_gaps(parts, report)
     root = Path(image_root) if image_root else path / "images"
     images = list_entity_images(root, parts["entities"])
     return KnowledgeGraph(name=name or path.name, entity_images=images, image_root=str(root),

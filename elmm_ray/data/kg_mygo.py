@@ -22,7 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from elmm_ray.data.kg_io import DatasetError, LoadReport, read_lines, read_text_table, readable_name
+from elmm_ray.data.kg_io import (
+    DatasetError,
+    LoadReport,
+    clip,
+    read_lines,
+    read_text_table,
+    readable_name,
+)
 
 SPLIT_FILES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
 MYGO_FILES = {**SPLIT_FILES, "entities": "entities.txt", "relations": "relations.txt"}
@@ -42,7 +49,7 @@ def read_name_list(path: Path) -> list[str]:
             raise DatasetError(f"{path}:{lineno}: blank line (the line order is the id, so a "
                                "blank line would shift every later id); remove it")
         if name in seen:
-            raise DatasetError(f"{path}:{lineno}: {name!r} appears twice (first at line "
+            raise DatasetError(f"{path}:{lineno}: {clip(name)} appears twice (first at line "
                                f"{seen[name]})")
         seen[name] = lineno
     return lines
@@ -58,13 +65,14 @@ def read_triples(path: Path, entities: dict[str, int], relations: dict[str, int]
         parts = [p.strip() for p in line.rstrip("\r").split("\t")]
         if len(parts) != 3 or not all(parts):
             raise DatasetError(
-                f"{path}:{lineno}: expected 'head<TAB>relation<TAB>tail', got {line[:120]!r}")
+                f"{path}:{lineno}: expected 'head<TAB>relation<TAB>tail', got {clip(line, 120)}")
         h, r, t = parts
         for name, vocab, kind in ((h, entities, "entity"), (r, relations, "relation"),
                                   (t, entities, "entity")):
             if name not in vocab:
                 listed = "entities.txt" if kind == "entity" else "relations.txt"
-                raise DatasetError(f"{path}:{lineno}: unknown {kind} {name!r} (not in {listed})")
+                raise DatasetError(f"{path}:{lineno}: unknown {kind} {clip(name)} (not in "
+                                   f"{listed})")
         rows.append((entities[h], relations[r], entities[t]))
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
@@ -75,20 +83,24 @@ def read_uri_map(path: Path, names: set[str], report: LoadReport) -> dict[str, s
     lines = read_lines(path)
     start = 1 if lines and lines[0].strip().isdigit() else 0
     out: dict[str, str] = {}
-    unused = 0
+    unused = rows = 0
     for lineno, line in enumerate(lines[start:], start + 1):
         if not line.strip():
             continue
+        rows += 1
         sep = "\t" if "\t" in line else " "
         uri, _, name = line.rstrip().rpartition(sep)
         if not uri.strip() or not name.strip():
-            raise DatasetError(f"{path}:{lineno}: expected 'URI name', got {line[:120]!r}")
+            raise DatasetError(f"{path}:{lineno}: expected 'URI name', got {clip(line, 120)}")
         if name.strip() not in names:
             unused += 1
             continue
         out[name.strip()] = uri.strip()
     if unused:
         report.warn(f"{path}: {unused} row(s) name no listed entry; left out")
+    if start and int(lines[0]) != rows:
+        report.warn(f"{path}:1: the count line says {int(lines[0])} rows but {rows} follow "
+                    "(the rows are used)")
     return out
 
 
@@ -112,9 +124,6 @@ def load_mygo(path: Path, report: LoadReport) -> dict:
         text = ent_text.get(e) or (readable_name(ent_uri[e]) if e in ent_uri else None)
         has_text.append(text is not None)
         names.append(text or readable_name(e))
-    if not any(has_text):
-        report.warn(f"{path}: no entity text (no entity2text.txt or entity2id.txt URIs); "
-                    "the entity names are used as their text")
     rel_texts = [readable_name(rel_uri.get(r, r)).replace("_", " ") for r in relations]
     return dict(entities=entities, relations=relations, entity_names=names,
                 entity_descriptions=[""] * len(entities), relation_texts=rel_texts,

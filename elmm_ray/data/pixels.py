@@ -4,13 +4,16 @@ without importing torch or transformers (seconds of start-up per worker)."""
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as a viewer shows it: EXIF orientation applied, 16-bit and float scaled to 8 bit,
+    transparency composited on white."""
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         array = np.asarray(image, dtype=np.float32)
         low, high = float(array.min()), float(array.max())

@@ -72,8 +72,9 @@ class PackResult:
 
 
 def validate_image(data: bytes, min_side: int) -> tuple[dict | None, str]:
-    """Decode ``data`` fully; return (info, "") or (None, reason)."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode ``data`` fully (within Pillow's decompression-bomb limit); return (info, "")
+    or (None, reason). ``info["orientation"]``: the EXIF orientation preprocessing applies."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         return None, "empty file (0 bytes)"
@@ -84,14 +85,19 @@ def validate_image(data: bytes, min_side: int) -> tuple[dict | None, str]:
                 fmt, mode = img.format or "", img.mode
                 img.load()
                 width, height = img.size
+                orientation = int(img.getexif().get(0x0112, 1))
+                ImageOps.exif_transpose(img)  # what preprocessing will do: it must work too
     except UnidentifiedImageError:
         return None, "not a recognised image format"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return None, (f"decompression bomb: over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+                      f"pixels ({err})")
+    except (OSError, SyntaxError, ValueError) as err:
         return None, f"cannot decode: {err}"
     if min(width, height) < min_side:
         return None, f"degenerate size {width}x{height} (a side below {min_side} px)"
-    return {"format": fmt, "mode": mode, "width": width, "height": height}, ""
+    return {"format": fmt, "mode": mode, "width": width, "height": height,
+            "orientation": orientation}, ""
 
 
 def plan_shards(records: list[dict], max_shard_bytes: int) -> list[list[dict]]:

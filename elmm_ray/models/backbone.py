@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from elmm_ray.data.pixels import CLIP_MEAN, CLIP_STD, clip_pixels
+from elmm_ray.models.tokenizer import warn_remote_code
 
 _DTYPES = {
     "float32": torch.float32,
@@ -112,9 +113,11 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def load_backbone(
-    name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32"
+    name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
+    trust_remote_code: bool = False,
 ) -> LlavaForConditionalGeneration:
-    """Load a pretrained Llava checkpoint from a local directory or a HF hub id."""
+    """Load a pretrained Llava checkpoint from a local directory or a HF hub id: weights from
+    safetensors only (never a pickled ``*.bin``), remote code only when asked."""
     torch_dtype = resolve_dtype(dtype)
     name = str(name_or_path)
     path = Path(name).expanduser()
@@ -133,7 +136,9 @@ def load_backbone(
     else:
         source = name
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            source, dtype=torch_dtype, use_safetensors=True,
+            trust_remote_code=warn_remote_code(source, trust_remote_code))
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = "HF_HUB_OFFLINE is set, so only the local cache is searched; " if offline else ""

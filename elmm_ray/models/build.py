@@ -42,7 +42,8 @@ def build_tokenizer(cfg: Config, texts: Iterable[str]) -> PreTrainedTokenizerBas
     with the prompt's special tokens added (``texts`` is then unused)."""
     if cfg.model.backbone == TINY:
         return train_tokenizer(texts, cfg.model.vocab_size)
-    tokenizer = load_tokenizer(cfg.model.backbone)
+    tokenizer = load_tokenizer(cfg.model.backbone,
+                               trust_remote_code=cfg.model.trust_remote_code)
     prepare_tokenizer(tokenizer)
     return tokenizer
 
@@ -81,7 +82,8 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
         else:
             from elmm_ray.models.pruned import load_any_backbone
 
-            backbone = load_any_backbone(model.backbone, dtype)  # plain or pruned
+            backbone = load_any_backbone(  # plain or pruned
+                model.backbone, dtype, trust_remote_code=model.trust_remote_code)
             if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
                 backbone.resize_token_embeddings(len(tokenizer))
         feature_layer = backbone.config.vision_feature_layer

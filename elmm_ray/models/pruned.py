@@ -210,14 +210,14 @@ def load_pruned_backbone(directory: str | os.PathLike, dtype: str | torch.dtype 
     return backbone.eval()
 
 
-def load_any_backbone(source: str | os.PathLike, dtype: str | torch.dtype = "float32"
-                      ) -> LlavaForConditionalGeneration:
+def load_any_backbone(source: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
+                      trust_remote_code: bool = False) -> LlavaForConditionalGeneration:
     """:func:`load_pruned_backbone` for a pruned directory, else the project's loader."""
     if is_pruned_backbone(source):
         return load_pruned_backbone(source, dtype)
     from elmm_ray.models.backbone import load_backbone
 
-    return load_backbone(source, dtype)
+    return load_backbone(source, dtype, trust_remote_code=trust_remote_code)
 
 
 def save_pruned_model(model: ELMM, directory: str | os.PathLike,

@@ -6,12 +6,15 @@ Either way the prompt needs ``<image>``, ``<readout>`` and ``<inv>`` as special 
 
 from __future__ import annotations
 
+import logging
 import os
 import string
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
@@ -85,10 +88,22 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.add_special_tokens(special, replace_extra_special_tokens=False)
 
 
-def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """Load a tokenizer saved with ``save_pretrained`` (or a hub id, from the HF cache)."""
+def warn_remote_code(source: str, trust_remote_code: bool) -> bool:
+    """``trust_remote_code``, with a warning when it is on (``model.trust_remote_code``)."""
+    if trust_remote_code:
+        log.warning("model.trust_remote_code is true: %s may run its own Python code on load; "
+                    "set it only for a checkpoint you trust", source)
+    return bool(trust_remote_code)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False
+                   ) -> PreTrainedTokenizerBase:
+    """Load a tokenizer saved with ``save_pretrained`` (or a hub id, from the HF cache);
+    a tokenizer class of the checkpoint's own code only with ``trust_remote_code``."""
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
+        return AutoTokenizer.from_pretrained(
+            str(name_or_path),
+            trust_remote_code=warn_remote_code(str(name_or_path), trust_remote_code))
     except OSError as error:
         raise OSError(
             f"could not load a tokenizer from {str(name_or_path)!r}: {error}\n"

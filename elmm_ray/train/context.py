@@ -53,7 +53,7 @@ def get_tokenizer(cfg: Config, kg: KnowledgeGraph, layout: RunLayout):
     """The run's tokenizer: trained once on the dataset's texts (tiny) and saved."""
     path = layout.tokenizer
     if path.is_dir():
-        return load_tokenizer(path)
+        return load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = build_tokenizer(cfg, entity_texts(kg) + list(kg.relation_texts))
     layout.root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=layout.root))

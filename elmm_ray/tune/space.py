@@ -23,6 +23,7 @@ from elmm_ray.config import (
     build_config,
     config_to_dict,
     key_info,
+    read_yaml,
 )
 
 DISTRIBUTIONS = {
@@ -106,14 +107,8 @@ def load_space(path: str | Path, cfg: Config | None = None) -> SearchSpace:
     """Read and validate a space file (against ``cfg`` when given, so that combined
     settings are checked too); raise :class:`ConfigError` listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"search space {path} does not exist"])
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{path} is not valid YAML: {err}"]) from err
-    if not isinstance(data, dict) or not isinstance(data.get("params"), dict) \
-            or not data["params"]:
+    data = read_yaml(path, "search space")
+    if not isinstance(data.get("params"), dict) or not data["params"]:
         raise ConfigError([f"{path} needs a non-empty `params` mapping of config key -> "
                            "distribution"])
     tune_keys = [f.name for f in dataclasses.fields(TuneConfig)]
