@@ -3,6 +3,7 @@ in-process one bound to loopback. Only stage code that runs Ray calls this."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -23,6 +24,21 @@ RAY_ENV_DEFAULTS = {
 }
 
 
+def job_env_var_keys() -> set[str]:
+    """Environment variables the submitted Ray job's runtime env already sets (``ray job
+    submit --runtime-env``): Ray refuses a ``ray.init`` runtime env that sets one of them
+    again ("Failed to merge the Job's runtime env"), so the job's value stands."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError) as err:
+        raise RuntimeError(f"RAY_JOB_CONFIG_JSON_ENV_VAR is not the JSON Ray writes: {err}"
+                           ) from err
+    return set(runtime_env.get("env_vars") or {})
+
+
 def init_ray(cfg: RayConfig | None = None, *, quiet: bool = True) -> None:
     """Start or join Ray once per process."""
     import ray
@@ -34,7 +50,10 @@ def init_ray(cfg: RayConfig | None = None, *, quiet: bool = True) -> None:
     console.quiet_libraries()  # Ray's console handler exists from `import ray` on
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
-    runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS}}
+    # Every worker gets the defaults, except those the submitted job's runtime env sets itself.
+    job_keys = job_env_var_keys()
+    env_vars = {k: os.environ[k] for k in RAY_ENV_DEFAULTS if k not in job_keys}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
     logging_level = logging.WARNING if quiet else logging.INFO
     # Workers' output reaches the console only with -v; otherwise it stays in Ray's session
     # logs, which save_ray_logs copies into the run directory.
