@@ -98,8 +98,6 @@ def test_trust_remote_code_is_off_by_default_passed_through_and_warned(monkeypat
 DASHBOARD = re.compile(r"dashboard[-_]host\W+(0\.0\.0\.0)")
 
 
-@pytest.mark.xfail(strict=True, reason="cluster/ rewrite in progress: today's launcher and "
-                   "KubeRay files bind the dashboard to 0.0.0.0")
 def test_cluster_files_never_bind_the_dashboard_to_every_interface():
     files = [p for p in (REPO_ROOT / "cluster").rglob("*") if p.is_file()]
     assert files
