@@ -11,6 +11,7 @@ from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.export import MARKER, export_model, load_export
 from elmm_ray.layout import RunLayout, read_json
 from elmm_ray.stages.base import Stage, StageContext, register
+from elmm_ray.tracking import open_tracker
 from elmm_ray.train.context import final_context
 
 
@@ -24,6 +25,8 @@ def export_run(cfg: Config, kg, out_dir: str | Path | None = None) -> Path:
 def run_export(ctx: StageContext) -> dict:
     out = export_run(ctx.cfg, ctx.kg)
     meta = read_json(out / MARKER)
+    with open_tracker(ctx.cfg) as tracker:
+        tracker.log_artifact(out / MARKER, "export")
     return {"out_dir": str(out), "parameters": meta["parameters"]}
 
 

@@ -8,6 +8,7 @@ from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.eval.report import write_metrics_json
 from elmm_ray.layout import RunLayout
 from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, image_stage, register
+from elmm_ray.tracking import open_tracker
 from elmm_ray.train.context import ModelContext, load_trained_context
 from elmm_ray.train.loop import LoopSpec
 from elmm_ray.train.trainer import train
@@ -57,6 +58,9 @@ def run_eval(ctx: StageContext) -> dict:
     model = load_trained_context(cfg, ctx.kg)
     metrics = evaluate(cfg, ctx.kg, model)
     path = write_metrics(cfg, metrics)
+    with open_tracker(cfg) as tracker:
+        tracker.log_metrics(metrics, f"eval/{metrics['split']}")
+        tracker.log_artifact(path, "eval")
     return {"split": metrics["split"], "metrics_file": str(path),
             "overall": metrics["overall"], "num_queries": metrics["num_queries"]}
 

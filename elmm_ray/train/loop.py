@@ -301,7 +301,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
              engine, session, out: Path, *, progress: str = "none", gather=None) -> dict:
     """Train ``ctx.model`` on ``queries`` with ``engine``; validate every
     ``train.eval_every`` steps (default: each epoch) and report through ``session``; save
-    the trainable weights to ``<out>/model``. Returns steps, seconds, losses, history.
+    the trainable weights to ``<out>/model`` and the summary (steps, seconds, losses,
+    history) to ``<out>/summary.json``, and returns it.
     ``progress``: ``bar`` (tqdm), ``lines`` (a log line every 5% on rank 0) or ``none``;
     ``gather``: a context manager that gathers partitioned parameters for the final save
     (ZeRO-3)."""
@@ -318,7 +319,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         generator.set_state(resumed["generator"])
         step, history = int(resumed["step"]), json.loads(resumed["history"])
         seconds_before, eval_seconds = float(resumed["seconds"]), float(resumed["eval_seconds"])
-    logger = MetricsLogger(out, tc.mlflow_uri, enabled=rank == 0, resume=bool(resumed))
+    logger = MetricsLogger(cfg, out, enabled=rank == 0, resume=bool(resumed))
     eval_every = tc.eval_every or batches.steps_per_epoch
     samples_per_step = tc.batch_size * world
     start = time.perf_counter() - seconds_before
@@ -392,9 +393,11 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     with gather(params) if gather else contextlib.nullcontext():
         if rank == 0:
             save_trainable(model, out / MODEL_SUBDIR)
+    summary = {"steps": step, "train_seconds": seconds, "losses": losses, "history": history}
     if rank == 0:
+        write_json_atomic(out / "summary.json", summary)  # the driver reads it (Ray Train)
         logger.finish(history, steps=step, seconds=seconds)
-    return {"steps": step, "train_seconds": seconds, "losses": losses, "history": history}
+    return summary
 
 
 def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
@@ -418,7 +421,6 @@ def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
                            LocalSession(report), out, progress="bar" if show_progress else "none")
     finally:
         torch.set_num_threads(threads)
-    write_json_atomic(out / "summary.json", summary)
     return summary
 
 
