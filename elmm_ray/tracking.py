@@ -36,7 +36,7 @@ TRACKING_FILE = "tracking.json"
 REMOTE = ("mlflow", "wandb")
 # Keys that do not make another experiment (a rerun with them changed continues the run).
 UNTRACKED = ("tracking", "train.loggers", "train.fail_at_step")
-MLFLOW_BATCH = 100  # MLflow takes at most 100 parameters per request
+MLFLOW_BATCH = 100  # MLflow takes at most 100 parameters (1000 metrics) per request
 
 
 def flatten(data: dict, prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -187,8 +187,9 @@ class MlflowBackend:
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            Metric(k, v, stamp, step or 0) for k, v in metrics.items()])
+        items = [Metric(k, v, stamp, step or 0) for k, v in metrics.items()]
+        for start in range(0, len(items), MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[start:start + MLFLOW_BATCH])
 
     def log_artifact(self, path: Path, folder: str) -> None:
         self.client.log_artifact(self.run_id, str(path), folder or None)

@@ -220,6 +220,8 @@ def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) ->
     layout = RunLayout.of(cfg)
     layout.tune_dir.mkdir(parents=True, exist_ok=True)
     check_same_sweep(cfg, space)
+    # The sweep's own tracking run (and store, experiment) exist before trials run at once.
+    open_tracker(cfg).close()
     if shared:
         run_stages(shared, cfg, show_progress=show_progress)
     init_ray(cfg.ray)
