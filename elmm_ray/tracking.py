@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from elmm_ray.config import Config, config_hash, config_to_dict
+from elmm_ray.config import Config, config_hash, config_to_dict, load_config
 from elmm_ray.layout import RunLayout, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -295,11 +295,19 @@ class Tracker:
         self.close()
 
 
+def run_config(cfg: Config) -> Config:
+    """The config of the command that runs in ``cfg``'s run directory: its ``config.yaml``
+    (written before any stage runs) when there is one, else ``cfg``. A loop run with derived
+    settings (pruning's fine-tuning) thus logs into the command's tracking run."""
+    path = RunLayout.of(cfg).config_file
+    return load_config(path) if path.is_file() else cfg
+
+
 def open_tracker(cfg: Config, out: str | Path | None = None, *, resume: bool = False) -> Tracker:
     """The loggers of ``train.loggers`` for this process: with ``out`` (a training
     directory) also jsonl/tensorboard there (``resume``: append to its metrics.jsonl);
     MLflow/W&B reopen the tracking run of ``<run_dir>/tracking.json`` when it was made for
-    this config, else start one (and record it there)."""
+    the run's config (:func:`run_config`), else start one (and record it there)."""
     loggers = cfg.train.loggers
     local: list = []
     if out is not None:
@@ -314,7 +322,7 @@ def open_tracker(cfg: Config, out: str | Path | None = None, *, resume: bool = F
         return Tracker(local, [])
     layout = RunLayout.of(cfg)
     path = layout.path(TRACKING_FILE)
-    config = tracked_config(cfg)
+    config = tracked_config(run_config(cfg))
     key = config_hash(config)
     record = read_json(path) if path.is_file() else {}
     if record.get("config_hash") != key:

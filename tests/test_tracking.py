@@ -5,6 +5,7 @@ continues the same tracking run with increasing steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import struct
@@ -17,6 +18,7 @@ from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.shards import pack_images
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
 from elmm_ray.stages import run_stage
+from elmm_ray.stages.prune import finetune_config
 from elmm_ray.tracking import TRACKING_FILE, flatten, metric_name, numbers, tracked_config
 from elmm_ray.train.loop import (
     LocalSession,
@@ -163,10 +165,22 @@ def test_mlflow_run_has_params_step_metrics_artifacts_and_resume_continues_it(
     assert [json.loads(x)["step"] for x in lines] == [2, 4]
     assert layout.path("train", "tensorboard").is_dir()
 
-    # Another config in the same run directory opens a new tracking run.
+    # A loop with derived settings (pruning's fine-tuning) logs into the run of the
+    # command's config (<run_dir>/config.yaml), under its own prefix.
+    layout.write_config(cfg)
+    train_local(finetune_config(dataclasses.replace(cfg, prune=dataclasses.replace(
+        cfg.prune, finetune_steps=2))), kg, LoopSpec(out_subdir="prune/finetune_1"),
+        show_progress=False)
+    assert read_json(layout.path(TRACKING_FILE))["mlflow"]["run_id"] == run_id
+    assert [m.step for m in client.get_metric_history(run_id, "prune/finetune_1/loss")] == [2]
+    assert "prune/finetune_1/training_curve.png" in {
+        a.path for a in client.list_artifacts(run_id, "prune/finetune_1")}
+
+    # Another config in the same run directory (a command writes it first) opens a new run.
     other = _config(data_dir, tmp_path / "run", "train.loggers=[mlflow]",
                     f"tracking.mlflow_uri={uri}", "tracking.experiment=tracking-test",
                     "train.max_steps=2")
+    layout.write_config(other)
     train_local(other, kg, show_progress=False)
     new_id = read_json(layout.path(TRACKING_FILE))["mlflow"]["run_id"]
     assert new_id != run_id
