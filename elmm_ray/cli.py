@@ -328,7 +328,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("train.backend", "train.epochs", "train.max_steps", "train.batch_size",
               "train.learning_rate", "train.num_negatives", "train.knowledge_weight",
               "train.num_workers", "train.use_gpu", "deepspeed.zero_stage", "lora.r",
-              "model.entity_repr"),
+              "model.entity_repr", "train.loggers"),
     "eval": ("eval.split", "eval.max_queries", "eval.batch_size", "eval.hits_at", "eval.workers"),
     "extract": ("images.max_images_per_entity", "model.vision_feature_layer",
                 "model.feature_pool", "ray.data_actors", "ray.data_actor_cpus",

@@ -186,7 +186,7 @@ def test_strict_types():
 def test_unset_values_are_none():
     cfg = build_config()
     unset = {"dataset.path", "dataset.image_root", "images.shard_dir", "images.feature_store",
-             "train.max_steps", "train.max_minutes", "train.eval_every", "train.mlflow_uri",
+             "train.max_steps", "train.max_minutes", "train.eval_every", "tracking.mlflow_uri",
              "train.fail_at_step", "mvtc.dim", "prune.compensation_rank", "eval.max_queries",
              "ray.address", "ray.num_cpus", "model.preset"}
     for key in unset:

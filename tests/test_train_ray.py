@@ -9,6 +9,7 @@ process with 2B queries, and the final parameters must agree to float tolerance.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from elmm_ray.config import load_config
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.shards import pack_images
 from elmm_ray.eval.evaluate import evaluate_model
-from elmm_ray.layout import RunLayout
+from elmm_ray.layout import RunLayout, absolute_paths
 from elmm_ray.stages import run_stage
 from elmm_ray.stages.export import eval_export, export_run
 from elmm_ray.stages.train import evaluate
@@ -157,8 +158,12 @@ def test_worker_death_resumes_exactly_from_the_last_checkpoint(tmp_path_factory,
                                                                ray_session, zero2_run,
                                                                monkeypatch):
     reference_cfg, reference = zero2_run
+    # With MLflow installed, rank 0 also logs to the run directory's default SQLite store.
+    mlflow = importlib.util.find_spec("mlflow") is not None
+    loggers = "[jsonl,tensorboard,mlflow]" if mlflow else "[jsonl,tensorboard]"
     cfg = _prepared_run(tmp_path_factory, "fault", base, "deepspeed.zero_stage=2",
-                        "train.fail_at_step=9", "train.max_failures=1")
+                        "train.fail_at_step=9", "train.max_failures=1",
+                        f"train.loggers={loggers}")
     # A run_dir relative to the driver's working directory (workers run elsewhere).
     run_dir = Path(cfg.run_dir)
     monkeypatch.chdir(run_dir.parent)
@@ -176,6 +181,25 @@ def test_worker_death_resumes_exactly_from_the_last_checkpoint(tmp_path_factory,
     again = train_ray(cfg, load_dataset(cfg))
     assert again["steps"] == summary["steps"]
     _assert_close(_trainable(cfg), _trainable(reference_cfg), atol=1e-5)
+    if mlflow:  # one tracking run across the restart and the rerun, each step logged once
+        from mlflow import MlflowClient
+
+        from elmm_ray.tracking import TRACKING_FILE, mlflow_uri
+
+        tracking = json.loads(RunLayout.of(cfg).path(TRACKING_FILE).read_text())["mlflow"]
+        client = MlflowClient(tracking_uri=mlflow_uri(absolute_paths(cfg)))
+        assert tracking["uri"] == mlflow_uri(absolute_paths(cfg))
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        runs = client.search_runs([experiment.experiment_id])
+        assert [r.info.run_id for r in runs] == [tracking["run_id"]]
+        logged = [m.step for m in client.get_metric_history(tracking["run_id"], "train/loss")]
+        steps = [h["step"] for h in summary["history"]]
+        # The killed attempt logged step 6; the restart continued from its checkpoint, or,
+        # when Ray had not registered that checkpoint before the death, trained again from
+        # step 1 (into the same run: the history shows both attempts).
+        assert logged in (steps, [6, *steps]), logged
+        artifacts = [a.path for a in client.list_artifacts(tracking["run_id"], "train")]
+        assert "train/training_curve.png" in artifacts
 
 
 def test_pruning_finetunes_through_the_same_loop_on_ray_workers(ray_session, zero2_run):

@@ -13,6 +13,7 @@ accepts ints. (Loading also turns a whole float such as ``3.0`` into the int ``3
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
@@ -41,6 +42,8 @@ from elmm_ray.config.schema_data import (
 PresetName = Literal[tuple(MODEL_PRESETS)]  # type: ignore[valid-type]
 __all__ = ["RULE_ERROR", "EMBEDDING_SUFFIXES", "DatasetConfig", "ImagesConfig", "SynthConfig",
            "VisualEmbeddingsConfig"]
+Logger = Literal["jsonl", "tensorboard", "mlflow", "wandb"]
+OPTIONAL_LOGGERS = ("mlflow", "wandb")  # extras of the same name; checked when loading
 
 
 @dataclass(config=SECTION)
@@ -211,11 +214,28 @@ class TrainConfig:
     checkpoints_to_keep: Int = Field(
         2, description="checkpoints kept (best by val MRR + latest)", ge=1
     )
-    mlflow_uri: OptStr = Field(None, description="MLflow tracking URI (null = no MLflow)")
+    loggers: list[Logger] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="where training metrics go: jsonl (<train dir>/metrics.jsonl), tensorboard "
+        "(<train dir>/tensorboard), mlflow, wandb (optional extras: pip install "
+        "'elmm-ray[mlflow]' / 'elmm-ray[wandb]'; settings under `tracking`); mlflow and wandb "
+        "also receive the resolved config, evaluation results and artifacts of every stage"
+    )
     fail_at_step: Int | None = Field(
         None, description="fault-injection test hook: rank 0 of the first attempt exits at "
         "this step (null = off)", ge=1,
     )
+
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers(cls, loggers: list[str]) -> list[str]:
+        _raise_problems([f"`train.loggers` = {loggers!r} names a logger twice"]
+                        if len(set(loggers)) != len(loggers) else [
+            f"`train.loggers` names {name} but the {name} package is not installed: pip "
+            f"install 'elmm-ray[{name}]' (or drop {name} from train.loggers)"
+            for name in loggers if name in OPTIONAL_LOGGERS and not importlib.util.find_spec(name)])
+        return loggers
 
 
 @dataclass(config=SECTION)
@@ -402,6 +422,41 @@ class TuneConfig:
 
 
 @dataclass(config=SECTION)
+class TrackingConfig:
+    """Experiment tracking for the MLflow and W&B loggers of ``train.loggers``: one tracking
+    run per run directory and config, reopened by every stage and by a resumed run."""
+
+    experiment: Str = Field("elmm-ray", description="MLflow experiment (created if missing)")
+    run_name: OptStr = Field(None, description="tracking run name (null: the run directory's "
+                             "name)")
+    mlflow_uri: OptStr = Field(
+        None, description="MLflow tracking URI: a server (http://host:5000) or a local store "
+        "as an absolute URI (sqlite:////abs/mlflow.db); null: sqlite:///<run_dir>/mlflow.db. "
+        "Ray Train workers on other nodes open it too: a local store must be on shared storage"
+    )
+    wandb_project: Str = Field("elmm-ray", description="W&B project")
+    wandb_entity: OptStr = Field(None, description="W&B entity (null: your default entity)")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online", description="W&B mode; offline writes <wandb_dir>/wandb/offline-run-* "
+        "folders for `wandb sync`"
+    )
+    wandb_dir: OptStr = Field(None, description="folder W&B writes into (null: the run "
+                              "directory)")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _mlflow_uri(cls, uri: str | None) -> str | None:
+        path = uri or "/"
+        for scheme in ("sqlite:///", "file://"):  # sqlite:////abs, file:///abs
+            path = path.removeprefix(scheme)
+        if "://" not in path and not path.startswith("/"):
+            _raise_problems([f"`tracking.mlflow_uri` = {uri!r} is not an absolute local store "
+                             "(every process, Ray Train workers too, must open the same one): "
+                             "give e.g. sqlite:////abs/path/mlflow.db (four slashes)"])
+        return uri
+
+
+@dataclass(config=SECTION)
 class Config:
     """The whole configuration: one section per stage plus the run directory."""
 
@@ -425,3 +480,5 @@ class Config:
                                  description="the exported model directory")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweeps")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig,
+                                     description="experiment tracking (MLflow, W&B)")

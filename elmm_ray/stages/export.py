@@ -17,6 +17,7 @@ from elmm_ray.models.build import forbid_model_build
 from elmm_ray.ray_session import init_ray
 from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, register
 from elmm_ray.stages.train import evaluate
+from elmm_ray.tracking import open_tracker
 from elmm_ray.train.context import final_checkpoint, final_context
 
 
@@ -64,6 +65,8 @@ def run_export(ctx: StageContext) -> dict:
     else:
         out = export_run(ctx.cfg, ctx.kg)
     meta = read_json(out / MARKER)
+    with open_tracker(ctx.cfg) as tracker:
+        tracker.log_artifact(out / MARKER, "export")
     record = (meta["checkpoint"] or {}).get("record") or {}
     return {"out_dir": str(out), "parameters": meta["parameters"],
             "checkpoint": ctx.cfg.export.checkpoint, "checkpoint_step": record.get("step"),

@@ -39,6 +39,7 @@ from elmm_ray.pruning.report import (
 from elmm_ray.pruning.structured import original_prunable_parameters, prunable_parameters
 from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, register
 from elmm_ray.stages.train import evaluate
+from elmm_ray.tracking import open_tracker
 from elmm_ray.train.context import (
     ModelContext,
     load_trained_context,
@@ -253,6 +254,11 @@ def run_prune(stage: StageContext) -> dict:
     model_dir = save_pruned_model(ctx.model, stage.layout.pruned_model,
                                   extra={"method": cfg.prune.method, "ratio": cfg.prune.ratio})
     paths = write_report(out, payload, title=f"Pruning: {cfg.prune.method} {cfg.prune.ratio}")
+    with open_tracker(cfg) as tracker:
+        tracker.log_metrics({"unpruned": base_metrics, "pre_ft": schedule["pre_ft"],
+                             "post_ft": schedule["post_ft"], "speedup": pruned["speedup"],
+                             "removed_share": schedule["removed_share"]}, STAGE)
+        tracker.log_artifacts(paths.values(), STAGE)
     return {"model_dir": str(model_dir), "report": str(paths["md"]),
             "method": cfg.prune.method, "ratio": cfg.prune.ratio,
             "prune_seconds": time.perf_counter() - start, "pre_ft": schedule["pre_ft"],

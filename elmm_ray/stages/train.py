@@ -9,6 +9,7 @@ from elmm_ray.eval.report import write_metrics_json
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.build import forbid_model_build
 from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, image_stage, register
+from elmm_ray.tracking import open_tracker
 from elmm_ray.train.context import ModelContext, load_trained_context
 from elmm_ray.train.loop import LoopSpec
 from elmm_ray.train.ray_eval import eval_workers, evaluate_on_ray
@@ -62,6 +63,9 @@ def run_eval(ctx: StageContext) -> dict:
     else:
         metrics = evaluate(cfg, ctx.kg, load_trained_context(cfg, ctx.kg))
     path = write_metrics(cfg, metrics)
+    with open_tracker(cfg) as tracker:
+        tracker.log_metrics(metrics, f"eval/{metrics['split']}")
+        tracker.log_artifact(path, "eval")
     return {"split": metrics["split"], "metrics_file": str(path),
             "overall": metrics["overall"], "num_queries": metrics["num_queries"]}
 

@@ -333,7 +333,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
              gather=None) -> dict:
     """Train ``ctx.model`` on ``queries`` with ``engine``; validate every
     ``train.eval_every`` steps (default: each epoch) and report through ``session``; save
-    the trainable weights to ``<out>/model``. Returns steps, seconds, losses, history.
+    the trainable weights to ``<out>/model`` and the summary (steps, seconds, losses,
+    history) to ``<out>/summary.json``, and returns it.
     ``progress``: called on rank 0 after every step and validation round with
     ``{step, steps, epoch, loss | val_mrr}`` (the console's progress, or a Ray queue);
     ``gather``: a context manager that gathers partitioned parameters for a save (ZeRO-3).
@@ -355,7 +356,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         generator.set_state(resumed["generator"])
         step, history = int(resumed["step"]), json.loads(resumed["history"])
         seconds_before, eval_seconds = float(resumed["seconds"]), float(resumed["eval_seconds"])
-    logger = MetricsLogger(out, tc.mlflow_uri, enabled=rank == 0, resume=bool(resumed))
+    logger = MetricsLogger(cfg, out, enabled=rank == 0, resume=bool(resumed))
     eval_every = tc.eval_every or batches.steps_per_epoch
     samples_per_step = tc.batch_size * world
     start = time.perf_counter() - seconds_before
@@ -430,9 +431,11 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     with gather(params) if gather else contextlib.nullcontext():
         if rank == 0:
             save_trainable(model, out / MODEL_SUBDIR)
+    summary = {"steps": step, "train_seconds": seconds, "losses": losses, "history": history}
     if rank == 0:
+        write_json_atomic(out / "summary.json", summary)  # the driver reads it (Ray Train)
         logger.finish(history, steps=step, seconds=seconds)
-    return {"steps": step, "train_seconds": seconds, "losses": losses, "history": history}
+    return summary
 
 
 def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
@@ -459,7 +462,6 @@ def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     finally:
         torch.set_num_threads(threads)
         progress.close()
-    write_json_atomic(out / "summary.json", summary)
     return summary
 
 

@@ -1,66 +1,39 @@
-"""Training metrics: ``metrics.jsonl``, TensorBoard, MLflow (when a URI is set) and a
-training-curve PNG at the end. Only rank 0 logs."""
+"""Training metrics of one run of the loop: every validation record to the loggers of
+``train.loggers`` (:mod:`elmm_ray.tracking`), and at the end a training-curve PNG (logged
+as an artifact). Only rank 0 logs."""
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from elmm_ray.config import Config
+from elmm_ray.layout import RunLayout
+from elmm_ray.tracking import Tracker, open_tracker
 
 
 class MetricsLogger:
-    """Appends records to ``<out>/metrics.jsonl`` and mirrors them to TensorBoard/MLflow."""
+    """The loggers of the training run writing into ``out``; its metrics go under the
+    directory's path in the run (``train``, ``prune/finetune_1``)."""
 
-    def __init__(self, out: Path, mlflow_uri: str = "", *, enabled: bool = True,
+    def __init__(self, cfg: Config, out: Path, *, enabled: bool = True,
                  resume: bool = False) -> None:
         self.out, self.enabled = Path(out), enabled
-        self.writer = None
-        self.mlflow = None
-        if not enabled:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        except ImportError:  # tensorboard is a dependency; keep training if it is broken
-            log.warning("tensorboard unavailable; logging to metrics.jsonl only")
-        if mlflow_uri:
-            try:
-                import mlflow
-            except ImportError as err:
-                raise RuntimeError("`train.mlflow_uri` is set but mlflow is not installed; "
-                                   "`pip install mlflow` or leave the key empty") from err
-            mlflow.set_tracking_uri(mlflow_uri)
-            mlflow.start_run(run_name=self.out.parent.name)
-            self.mlflow = mlflow
+        root = RunLayout.of(cfg).root
+        self.prefix = (self.out.relative_to(root).as_posix() if self.out.is_relative_to(root)
+                       else self.out.name)
+        self.tracker = open_tracker(cfg, self.out, resume=resume) if enabled else Tracker([], [])
 
     def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.writer is not None:
-            for key, value in numbers.items():
-                self.writer.add_scalar(key, value, record["step"])
-            self.writer.flush()
-        if self.mlflow is not None:
-            self.mlflow.log_metrics(numbers, step=record["step"])
+        self.tracker.log_record(record, self.prefix)
 
     def finish(self, history: list[dict], **summary: float) -> None:
         if not self.enabled:
             return
-        plot_curves(history, self.out / "training_curve.png")
-        if self.writer is not None:
-            self.writer.close()
-        if self.mlflow is not None:
-            self.mlflow.log_metrics({k: float(v) for k, v in summary.items()})
-            self.mlflow.end_run()
+        curve = plot_curves(history, self.out / "training_curve.png")
+        if curve is not None:
+            self.tracker.log_artifact(curve, self.prefix)
+        self.tracker.log_metrics(summary, self.prefix)
+        self.tracker.close()
 
 
 def plot_curves(history: list[dict], path: Path) -> Path | None:

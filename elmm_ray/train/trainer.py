@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import threading
 
 from elmm_ray.config import Config, config_to_dict
 from elmm_ray.console import LoopProgress
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.layout import RunLayout, absolute_paths
+from elmm_ray.layout import RunLayout, absolute_paths, read_json
 from elmm_ray.ray_session import init_ray
 from elmm_ray.train.context import backbone_source
 from elmm_ray.train.loop import LoopSpec, train_local, train_loop_per_worker
@@ -97,11 +96,10 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
         result = build_trainer(cfg, kg, spec, tune_trial, queue).fit()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
-    out = RunLayout.of(cfg).path(spec.out_subdir)
-    metrics = out / "metrics.jsonl"
-    history = ([json.loads(line) for line in metrics.read_text().splitlines()]
-               if metrics.is_file() else [])
-    return {"steps": history[-1]["step"] if history else 0,
+    # Rank 0 wrote the run's summary (its history spans every attempt of a resumed run).
+    summary = read_json(RunLayout.of(cfg).path(spec.out_subdir, "summary.json"))
+    history = summary["history"]
+    return {"steps": summary["steps"],
             "train_seconds": history[-1]["seconds"] if history else 0.0,
             "history": history,
             "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -12,7 +12,8 @@ cost (visual tokens per query, LLM parameters, query latency, peak memory).
 Outputs under ``<run_dir>/tune/``: ``experiment/`` (the Tune experiment: rerunning the same
 command resumes it, a finished sweep does no work), ``results.csv`` / ``results.parquet``,
 ``best_<metric>.yaml`` per objective (a config ``elmm-ray run`` accepts) and
-``pareto.png``.
+``pareto.png`` (also logged to MLflow/W&B when ``train.loggers`` names them; each trial
+logs its own tracking run into the sweep's store).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from elmm_ray.ray_session import init_ray
 from elmm_ray.stages import run_stages
 from elmm_ray.stages.base import touches
 from elmm_ray.tables import format_table
+from elmm_ray.tracking import open_tracker, pin_tracking
 from elmm_ray.tune.pareto import best_row, pareto_front, parse_objectives, plot_front
 from elmm_ray.tune.space import SearchSpace
 from elmm_ray.tune.trial import COMPLETE, TRIALS_SUBDIR, run_trial, trial_config
@@ -168,6 +170,10 @@ def write_outputs(cfg: Config, rows: list[dict], keys: list[str]) -> tuple[list[
     if done:
         plot_front(rows, front, out / "pareto.png", metric=objectives[0][0],
                    costs=[m for m, _ in objectives[1:]] or ["visual_tokens"])
+    with open_tracker(cfg) as tracker:
+        tracker.log_artifacts([out / "results.csv", *best.values()], "tune")
+        if done:
+            tracker.log_artifact(out / "pareto.png", "tune")
     return front, best
 
 
@@ -207,12 +213,15 @@ def check_same_sweep(cfg: Config, space: SearchSpace) -> None:
 
 def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) -> SweepResult:
     """Run (or resume) the sweep of ``space`` over ``cfg``; see the module docstring."""
-    cfg = absolute_paths(space.apply(cfg))
+    # Trials run in their own run directories and log into the sweep's tracking store.
+    cfg = pin_tracking(absolute_paths(space.apply(cfg)))
     keys = list(space.params)
     shared, stages = split_stages(cfg, keys)
     layout = RunLayout.of(cfg)
     layout.tune_dir.mkdir(parents=True, exist_ok=True)
     check_same_sweep(cfg, space)
+    # The sweep's own tracking run (and store, experiment) exist before trials run at once.
+    open_tracker(cfg).close()
     if shared:
         run_stages(shared, cfg, show_progress=show_progress)
     init_ray(cfg.ray)

@@ -5,7 +5,6 @@ figures."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -21,7 +20,7 @@ from elmm_ray.config import Config, build_config, config_from_dict, config_to_di
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import encode_queries
-from elmm_ray.layout import RunLayout
+from elmm_ray.layout import RunLayout, read_json
 from elmm_ray.models.build import reads_images
 from elmm_ray.models.lora import merge_lora
 from elmm_ray.stages import STAGES, run_stages
@@ -122,13 +121,13 @@ def run_trial(config: dict) -> None:
     start = time.perf_counter()
     results = run_stages(config["stages"], cfg, show_progress=False, tune_trial=True,
                          must_be_complete=tuple(config["shared"]))
-    history_file = layout.path("prune" if "prune" in results else "train", "metrics.jsonl")
+    summary_file = layout.path("prune" if "prune" in results else "train", "summary.json")
     if "prune" in results:
-        rounds = sorted(layout.path("prune").glob("finetune_*/metrics.jsonl"),
+        rounds = sorted(layout.path("prune").glob("finetune_*/summary.json"),
                         key=lambda p: int(p.parent.name.rsplit("_", 1)[1]))
-        history_file = rounds[-1] if rounds else history_file
-    lines = history_file.read_text().splitlines() if history_file.is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
+        summary_file = rounds[-1] if rounds else summary_file
+    history = read_json(summary_file)["history"] if summary_file.is_file() else []
+    last = history[-1] if history else {}
     metrics = {k: last[k] for k in ("val_mrr", "val_hits1") if k in last}
     metrics.update(cost_metrics(cfg, load_dataset(cfg)))
     metrics["trial_seconds"] = time.perf_counter() - start
