@@ -235,8 +235,11 @@ def test_wandb_offline_run_holds_config_step_metrics_and_the_curve(data_dir, tmp
     config, history, files = {}, [], set()
     for record in wandb_records(run_dir / f"run-{run_id}.wandb"):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
-            config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+        # The config reaches the file inside the run record or, when W&B flushed the run
+        # record first (timing), in later config records: read both.
+        if kind in ("run", "config"):
+            updates = record.run.config.update if kind == "run" else record.config.update
+            config.update({i.key: json.loads(i.value_json) for i in updates})
         elif kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                             for i in record.history.item})
