@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -232,11 +233,19 @@ def test_wandb_offline_run_holds_config_step_metrics_and_the_curve(data_dir, tmp
     run_id = read_json(layout.path(TRACKING_FILE))["wandb"]["run_id"]
     (run_dir,) = (tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}")
     assert (run_dir / "files" / "train" / "training_curve.png").is_file()
+    # W&B's service process may still be flushing the transaction log after `finish()`
+    # returned: read it once it holds the exit record (seen: a read too early lacked the
+    # run record, one run in a few under load).
+    log_file, deadline = run_dir / f"run-{run_id}.wandb", time.monotonic() + 60
+    records = list(wandb_records(log_file))
+    while (not any(r.WhichOneof("record_type") == "exit" for r in records)
+           and time.monotonic() < deadline):
+        time.sleep(0.5)
+        records = list(wandb_records(log_file))
     config, history, files = {}, [], set()
-    for record in wandb_records(run_dir / f"run-{run_id}.wandb"):
+    for record in records:
         kind = record.WhichOneof("record_type")
-        # The config reaches the file inside the run record or, when W&B flushed the run
-        # record first (timing), in later config records: read both.
+        # The config is in the run record, or in later config records: read both.
         if kind in ("run", "config"):
             updates = record.run.config.update if kind == "run" else record.config.update
             config.update({i.key: json.loads(i.value_json) for i in updates})
