@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from elmm_ray.config import Config, config_to_dict, dump_config
+
+log = logging.getLogger(__name__)
 
 # Inside a training output folder (``train/``, ``prune/finetune_<k>/``): the trainable
 # weights of the validation round with the highest val MRR, and that round's record.
@@ -204,8 +207,23 @@ class RunLayout:
         return self.path("manifests", f"{stage}.json")
 
     def read_manifest(self, stage: str) -> dict | None:
+        """The stage's manifest; ``None`` when there is none, or when it is not valid JSON
+        (truncated, garbled): a warning says so and the stage counts as not complete, so
+        its next run rewrites it."""
         p = self.manifest_path(stage)
-        return read_json(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        try:
+            data = read_json(p)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            log.warning("manifest %s is unreadable (%s): stage %s counts as not complete "
+                        "and reruns", p, err, stage)
+            return None
+        if not isinstance(data, dict):
+            log.warning("manifest %s holds no JSON object: stage %s counts as not complete "
+                        "and reruns", p, stage)
+            return None
+        return data
 
     def write_manifest(self, stage: str, data: dict) -> Path:
         return write_json_atomic(self.manifest_path(stage), {"stage": stage, **data})

@@ -68,8 +68,23 @@ def _corrupt_one_image(shard_dir: Path) -> tuple[int, int]:
             first = min(hits, key=lambda i: data["image_index"][i])
             data["image"][first] = b"\x89PNG garbage, not an image"
             pq.write_table(type(table).from_pydict(data, schema=table.schema), f)
+            _rerecord_shard(f)  # an image that pack accepted and extract cannot decode
             return victim, data["image_index"][first]
     raise AssertionError("no image to corrupt")
+
+
+def _rerecord_shard(path: Path) -> None:
+    """Record a rewritten shard's size and sha256 in its sidecar and the pack manifest (as if
+    pack had written it so), so that the readers' digest check accepts it."""
+    from elmm_ray.integrity import file_record
+
+    record = file_record(path)
+    for meta in (path.with_suffix(".json"), path.parent / "manifest.json"):
+        data = json.loads(meta.read_text())
+        for entry in [data, *data.get("shards", [])]:
+            if entry.get("file") == path.name:
+                entry.update(record)
+        meta.write_text(json.dumps(data))
 
 
 KILLER = """

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -247,10 +248,13 @@ def config_from_dict(data: dict) -> Config:
 
 
 def dump_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as YAML (and nothing else) to ``path``."""
+    """Write the resolved config as YAML (and nothing else) to ``path``, through a temporary
+    file and a rename (a full disk never leaves half a config where a run reads it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
     return path
 
 

@@ -29,12 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from elmm_ray.data.feature_store import (
     DEFAULT_PART_BYTES,
     FEATURE_DTYPE,
-    FRAGMENT_SUFFIX,
     INDEX,
     INDEX_SCHEMA,
     MANIFEST,
@@ -45,7 +43,8 @@ from elmm_ray.data.feature_store import (
     embeddings_identity,
     image_keys,
     read_fragments,
-    write_npy,
+    write_index,
+    write_part,
 )
 from elmm_ray.data.kg_io import DatasetError
 from elmm_ray.data.kg_mygo import read_name_list
@@ -252,8 +251,6 @@ def embeddings_to_store(path: str | Path, store_dir: str, entities: list[str], *
         e, s = entity[begin: begin + rows_per_part], slot[begin: begin + rows_per_part]
         name = "part-" + hashlib.sha256(image_keys(e, s).tobytes()).hexdigest()[:16]
         part = table.features[e, s]
-        loc.write_atomic(posixpath.join(PARTS, name + ".npy"),
-                         lambda f, part=part: write_npy(f, part))
         fragment = pa.table({
             "entity": pa.array(e, pa.int32()),
             "entity_id": pa.array([entities[i] for i in e], pa.string()),
@@ -261,11 +258,11 @@ def embeddings_to_store(path: str | Path, store_dir: str, entities: list[str], *
             "row": pa.array(np.arange(len(e)), pa.int32()),
             "reason": pa.array([""] * len(e), pa.string()),
         }, schema=INDEX_SCHEMA)
-        loc.write_atomic(posixpath.join(PARTS, name + FRAGMENT_SUFFIX),
-                         lambda f, fragment=fragment: pq.write_table(fragment, f))
-    fragments, parts = read_fragments(loc)
+        write_part(loc, name, part, fragment)
+    part_checksums: dict = {}
+    fragments, parts = read_fragments(loc, part_checksums)
     index = fragments.sort_by([("entity", "ascending"), ("image_index", "ascending")])
-    loc.write_atomic(INDEX, lambda f: pq.write_table(index, f))
+    index_record = write_index(loc, index)
     counts = table.counts
     if counts["entities_without_embeddings"]:
         log.warning("visual embeddings: %d of %d entities have none (zeros + mask)",
@@ -273,6 +270,7 @@ def embeddings_to_store(path: str | Path, store_dir: str, entities: list[str], *
     manifest = {"status": "complete", "fingerprint": metadata["fingerprint"],
                 "store": loc.uri, "source": "embeddings", "embeddings_file": str(path),
                 "tokens": tokens, "width": width, "slots": slots, "counts": counts,
-                "parts": len(parts), "seconds": time.perf_counter() - start}
+                "parts": len(parts), "seconds": time.perf_counter() - start,
+                "checksums": {"index": index_record, "parts": part_checksums}}
     loc.write_json(MANIFEST, manifest)  # last: its presence marks a complete store
     return manifest

@@ -49,10 +49,12 @@ from elmm_ray.data.feature_store import (
     StoreLocation,
     image_keys,
     read_fragments,
+    read_json_or_none,
     store_fingerprint,
     vision_geometry,
     vision_weights_fingerprint,
-    write_npy,
+    write_index,
+    write_part,
 )
 
 log = logging.getLogger(__name__)
@@ -190,7 +192,6 @@ def _write_part(batch: dict, *, store: str) -> dict:
     rows = np.full(len(ok), -1, dtype=np.int32)
     rows[ok] = np.arange(int(ok.sum()), dtype=np.int32)
     features = np.asarray(batch["features"])[ok].astype(FEATURE_DTYPE, copy=False)
-    loc.write_atomic(posixpath.join(PARTS, name + ".npy"), lambda f: write_npy(f, features))
     fragment = pa.table({
         "entity": pa.array(batch["entity"], pa.int32()),
         "entity_id": pa.array([str(e) for e in batch["entity_id"]], pa.string()),
@@ -198,8 +199,7 @@ def _write_part(batch: dict, *, store: str) -> dict:
         "row": pa.array(rows, pa.int32()),
         "reason": pa.array([str(e) for e in batch["error"]], pa.string()),
     }, schema=INDEX_SCHEMA)
-    loc.write_atomic(posixpath.join(PARTS, name + FRAGMENT_SUFFIX),
-                     lambda f: pq.write_table(fragment, f))
+    write_part(loc, name, features, fragment)
     return {"part": [name], "rows": [len(ok)], "done": [int(ok.sum())],
             "failed": [int((~ok).sum())]}
 
@@ -208,7 +208,7 @@ def _prepare_store(loc: StoreLocation, metadata: dict) -> None:
     """Keep committed parts of the same fingerprint; wipe anything else of ours."""
     loc.mkdir()
     loc.mkdir(PARTS)
-    old = loc.read_json(METADATA) if loc.exists(METADATA) else None
+    old = read_json_or_none(loc, METADATA)
     same = old is not None and old.get("fingerprint") == metadata["fingerprint"]
     if not same:
         if old is not None:
@@ -260,7 +260,7 @@ def extract_features(
     use; ``actor_threads`` > 0 sets torch's threads per actor; ``on_part`` is called on the
     driver with each committed part's summary.
     """
-    from elmm_ray.data.shards import read_manifest
+    from elmm_ray.data.shards import read_manifest, verify_shards
 
     start = time.perf_counter()
     shard_dir = Path(shard_dir).resolve()
@@ -275,11 +275,16 @@ def extract_features(
     }
     metadata["fingerprint"] = store_fingerprint(metadata)
     loc = StoreLocation(store_dir)
-    if loc.exists(MANIFEST):
-        old = loc.read_json(MANIFEST)
-        if old.get("status") == "complete" and old.get("fingerprint") == metadata["fingerprint"]:
-            log.info("extract: %s is complete; nothing to do", loc.uri)
-            return ExtractResult(loc.uri, old, skipped=True)
+    old = read_json_or_none(loc, MANIFEST)
+    if old and old.get("status") == "complete" and old.get("fingerprint") == metadata[
+            "fingerprint"]:
+        log.info("extract: %s is complete; nothing to do", loc.uri)
+        return ExtractResult(loc.uri, old, skipped=True)
+    # The shards are read below: check them against their recorded digests first.
+    check = verify_shards(shard_dir, pack)
+    log.info("extract: %d shards (%.1f MB) verified in %.2f s (%.0f MB/s)", check["shards"],
+             check["bytes"] / 1e6, check["seconds"],
+             check["bytes"] / 1e6 / max(check["seconds"], 1e-9))
     _prepare_store(loc, metadata)
 
     images = _select_images(shard_dir, pack, max_images)
@@ -378,7 +383,8 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
 def _finalize(loc: StoreLocation, metadata: dict, pack: dict, images: dict, this_run: dict,
               seconds: float) -> dict:
     """Merge the fragments into ``index.parquet``, check the accounting, write the manifest."""
-    fragments, parts = read_fragments(loc)
+    part_checksums: dict = {}
+    fragments, parts = read_fragments(loc, part_checksums)
     fragments = fragments.sort_by([("part", "ascending")])
     keys = image_keys(fragments["entity"].to_numpy(), fragments["image_index"].to_numpy())
     _, first = np.unique(keys, return_index=True)
@@ -397,7 +403,7 @@ def _finalize(loc: StoreLocation, metadata: dict, pack: dict, images: dict, this
     row = fragments["row"].to_numpy()
     stored = fragments.filter(pc.greater_equal(fragments["row"], 0))
     stored = stored.sort_by([("entity", "ascending"), ("image_index", "ascending")])
-    loc.write_atomic(INDEX, lambda f: pq.write_table(stored, f))
+    index_record = write_index(loc, stored)
 
     max_images = metadata["max_images_per_entity"]
     beyond = [{"entity_id": str(e), "image_index": int(i),
@@ -435,6 +441,7 @@ def _finalize(loc: StoreLocation, metadata: dict, pack: dict, images: dict, this
         "stored_bytes": int(stored_bytes), "seconds": seconds,
         "skipped_images": bad + beyond[:1000], "skipped_images_truncated": len(beyond) > 1000,
         "failed_images": failed,
+        "checksums": {"index": index_record, "parts": part_checksums},
     }
     loc.write_json(MANIFEST, manifest)  # last: its presence marks a complete store
     return manifest

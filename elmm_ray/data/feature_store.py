@@ -9,11 +9,13 @@ The store is a directory (local path or a ``pyarrow.fs`` URI)::
     index.parquet                 all fragments merged, written when the run completes
     manifest.json                 counts of every image (done / skipped / failed), last
 
-A part is committed when its index fragment exists (both files are written through a
-temporary name and renamed). :class:`FeatureStore` serves ``features_for(entity_ids)``
-like :class:`elmm_ray.data.image_features.FeatureBank`, reading only the rows it needs;
-metadata of a store is checked against the model that reads it. The Ray Data pipeline
-that writes a store is :mod:`elmm_ray.data.extraction`.
+A part is committed when its index fragment exists (both written to a temporary name and
+renamed); the fragment records its ``.npy``'s size and sha256, the manifest collects them
+and ``index.parquet``'s. Readers check each part on first use in a process (cloud: size
+only); a corrupt part leaves the committed set, so the next extract redoes its images.
+:class:`FeatureStore` serves ``features_for(entity_ids)`` like ``FeatureBank``, reading
+only the rows it needs, its metadata checked against the model that reads it. The Ray
+Data pipeline that writes a store is :mod:`elmm_ray.data.extraction`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # torch is imported where it is used: the writer tasks do without it
     import torch
 
+from elmm_ray.integrity import CORRUPT_SUFFIX, CorruptionError, HashingWriter, sha256_file
 from elmm_ray.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -130,6 +133,59 @@ class StoreLocation:
             pass
 
 
+def write_part(loc: StoreLocation, name: str, features: np.ndarray, fragment: pa.Table) -> dict:
+    """Commit one part: its ``.npy``, then its index fragment carrying the ``.npy``'s size and
+    sha256 (the fragment's presence commits the part). Returns that record."""
+    box: dict = {}
+
+    def write(stream: Any) -> None:
+        hashing = HashingWriter(stream)
+        write_npy(hashing, features)
+        box.update(hashing.record())
+
+    loc.write_atomic(posixpath.join(PARTS, name + ".npy"), write)
+    meta = {b"npy_bytes": str(box["bytes"]).encode(), b"npy_sha256": box["sha256"].encode()}
+    fragment = fragment.replace_schema_metadata(meta)
+    loc.write_atomic(posixpath.join(PARTS, name + FRAGMENT_SUFFIX),
+                     lambda f: pq.write_table(fragment, f, write_page_checksum=True))
+    return dict(box)
+
+
+def write_index(loc: StoreLocation, table: pa.Table) -> dict:
+    """Write ``index.parquet`` atomically; returns its size and sha256 (for the manifest)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, write_page_checksum=True)
+    data = buf.getvalue()
+    loc.write_atomic(INDEX, lambda f: f.write(data))
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_json_or_none(loc: StoreLocation, rel: str) -> Any:
+    """JSON of ``rel``; ``None`` when absent or not valid JSON (a warning; extract rebuilds)."""
+    if not loc.exists(rel):
+        return None
+    try:
+        return loc.read_json(rel)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        log.warning("feature store: %s is unreadable (%s); treating it as absent",
+                    loc.path(rel), err)
+        return None
+
+
+def uncommit_part(loc: StoreLocation, part: str) -> None:
+    """Take a bad part out of the committed set: its ``.npy`` and fragment are moved aside
+    to ``*.corrupt`` and the manifest and index removed, so the store is incomplete and the
+    next extract re-extracts exactly that part's images."""
+    loc.delete(MANIFEST)
+    loc.delete(INDEX)
+    for name in (part + FRAGMENT_SUFFIX, part + ".npy"):
+        if loc.exists(rel := posixpath.join(PARTS, name)):
+            loc.fs.move(loc.path(rel), loc.path(rel + CORRUPT_SUFFIX))
+
+
+REEXTRACT_HINT = "rerun `elmm-ray extract`: it re-extracts only the images of the bad part"
+
+
 def write_npy(stream: Any, array: np.ndarray) -> None:
     header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
               "shape": tuple(array.shape)}
@@ -160,13 +216,26 @@ class _RemoteRows:
         return out
 
 
-def read_fragments(loc: StoreLocation) -> tuple[pa.Table, list[str]]:
-    """The committed index fragments (with a ``part`` column) and their part names."""
+def read_fragments(loc: StoreLocation, checksums: dict | None = None
+                   ) -> tuple[pa.Table, list[str]]:
+    """The committed index fragments (with a ``part`` column) and their part names;
+    ``checksums`` (a dict) receives each part's recorded ``.npy`` size and sha256."""
     names = [n for n in loc.list(PARTS) if n.endswith(FRAGMENT_SUFFIX) and not n.startswith(".")]
     tables, parts = [], []
     for name in names:
         part = name[: -len(FRAGMENT_SUFFIX)]
-        table = pq.read_table(pa.BufferReader(loc.read_bytes(posixpath.join(PARTS, name))))
+        rel = posixpath.join(PARTS, name)
+        try:
+            table = pq.read_table(pa.BufferReader(loc.read_bytes(rel)),
+                                  page_checksum_verification=True)
+        except (pa.ArrowInvalid, OSError) as err:
+            uncommit_part(loc, part)
+            raise CorruptionError(f"corrupt index fragment {loc.path(rel)} ({err}); it was "
+                                  f"moved aside: {REEXTRACT_HINT}") from None
+        meta = table.schema.metadata or {}
+        if checksums is not None and b"npy_sha256" in meta:
+            checksums[part] = {"bytes": int(meta[b"npy_bytes"]),
+                               "sha256": meta[b"npy_sha256"].decode()}
         table = table.cast(INDEX_SCHEMA)
         tables.append(table.append_column("part", pa.array([part] * table.num_rows, pa.string())))
         parts.append(part)
@@ -308,10 +377,12 @@ class FeatureStore:
     """
 
     def __init__(self, path: str | os.PathLike, metadata: dict, *,
-                 allow_incomplete: bool = False) -> None:
+                 allow_incomplete: bool = False, checksums: dict | None = None) -> None:
         self.path = str(path)
         self.metadata = metadata
         self.allow_incomplete = allow_incomplete
+        # {"index": record, "parts": {part: record}} from the manifest (none: not checked)
+        self.checksums = checksums or {}
         self._index: dict | None = None
         self._parts: dict[int, Any] = {}
 
@@ -324,23 +395,29 @@ class FeatureStore:
         if not loc.exists(METADATA):
             raise FileNotFoundError(f"no feature store at {path} (missing {METADATA}); "
                                     "run `elmm-ray extract` first")
-        metadata = loc.read_json(METADATA)
+        metadata = read_json_or_none(loc, METADATA)
+        if metadata is None:
+            raise CorruptionError(f"{loc.path(METADATA)} is not valid JSON (truncated or "
+                                  "corrupt); rerun `elmm-ray extract` (it rebuilds the store)")
+        checksums: dict = {}
         if not allow_incomplete:
-            manifest = loc.read_json(MANIFEST) if loc.exists(MANIFEST) else {}
+            manifest = read_json_or_none(loc, MANIFEST) or {}
             if manifest.get("status") != "complete" or manifest.get(
                     "fingerprint") != metadata.get("fingerprint"):
                 raise RuntimeError(f"the feature store at {path} is incomplete; re-run "
                                    "`elmm-ray extract` (it resumes)")
+            checksums = manifest.get("checksums") or {}
         check_metadata(metadata, expect or {}, str(path))
-        return cls(path, metadata, allow_incomplete=allow_incomplete)
+        return cls(path, metadata, allow_incomplete=allow_incomplete, checksums=checksums)
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "metadata": self.metadata,
-                "allow_incomplete": self.allow_incomplete}
+                "allow_incomplete": self.allow_incomplete, "checksums": self.checksums}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], state["metadata"],
-                      allow_incomplete=state["allow_incomplete"])
+                      allow_incomplete=state["allow_incomplete"],
+                      checksums=state.get("checksums"))
 
     @property
     def num_entities(self) -> int:
@@ -367,7 +444,17 @@ class FeatureStore:
             return self._index
         loc = StoreLocation(self.path)
         if loc.exists(INDEX):
-            table = pq.read_table(pa.BufferReader(loc.read_bytes(INDEX)))
+            data = loc.read_bytes(INDEX)
+            expected = self.checksums.get("index")
+            if expected and (len(data) != expected["bytes"]
+                             or hashlib.sha256(data).hexdigest() != expected["sha256"]):
+                loc.delete(MANIFEST)
+                loc.fs.move(loc.path(INDEX), loc.path(INDEX + CORRUPT_SUFFIX))
+                raise CorruptionError(
+                    f"corrupt file {loc.path(INDEX)}: {len(data)} bytes / sha256 does not match "
+                    "the manifest (moved aside); rerun `elmm-ray extract`: it rebuilds the "
+                    "index from the committed parts")
+            table = pq.read_table(pa.BufferReader(data))
         elif self.allow_incomplete:
             table, _ = read_fragments(loc)
         else:
@@ -398,13 +485,30 @@ class FeatureStore:
         array = self._parts.get(pid)
         if array is None:
             loc = StoreLocation(self.path)
-            rel = posixpath.join(PARTS, self._load_index()["parts"][pid] + ".npy")
+            part = self._load_index()["parts"][pid]
+            rel = posixpath.join(PARTS, part + ".npy")
+            self._check_part(loc, part, rel)
             if loc.is_local:
                 array = np.load(loc.path(rel), mmap_mode="r")
             else:
                 array = _RemoteRows(loc.fs, loc.path(rel))
             self._parts[pid] = array
         return array
+
+    def _check_part(self, loc: StoreLocation, part: str, rel: str) -> None:
+        """The part's size (and on the local disk its sha256) against the manifest; a bad
+        part is taken out of the committed set (:func:`uncommit_part`) and named."""
+        expected = self.checksums.get("parts", {}).get(part)
+        if not expected:
+            return
+        size = loc.fs.get_file_info(loc.path(rel)).size
+        if size != expected["bytes"] or (loc.is_local and sha256_file(loc.path(rel))
+                                         != expected["sha256"]):
+            uncommit_part(loc, part)
+            raise CorruptionError(
+                f"corrupt feature-store part {loc.path(rel)}: {size} bytes or its sha256 differ "
+                f"from the record of its commit (moved aside, store marked incomplete); "
+                f"{REEXTRACT_HINT}")
 
     def features_for(self, entity_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded features (float32) and image mask of a batch of entities."""

@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from elmm_ray.data.shards import MANIFEST as SHARDS_MANIFEST
+from elmm_ray.data.shards import read_manifest, verify_shards
 from elmm_ray.models.backbone import encode_images, preprocess_images
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,16 @@ class FeatureBank:
 
 
 def read_shard_rows(shard_dir: str | Path, max_images: int) -> list[tuple[int, int, bytes]]:
-    """(entity, image_index, bytes) of the first ``max_images`` packed images per entity."""
-    files = sorted(Path(shard_dir).glob("shard-*.parquet"))
+    """(entity, image_index, bytes) of the first ``max_images`` packed images per entity.
+    The shards of a pack manifest are checked against its digests first (a missing or
+    corrupt shard is an error naming it, never fewer images)."""
+    manifest = Path(shard_dir) / SHARDS_MANIFEST
+    if manifest.is_file():
+        pack = read_manifest(shard_dir)
+        verify_shards(shard_dir, pack)
+        files = [Path(shard_dir) / shard["file"] for shard in pack["shards"]]
+    else:
+        files = sorted(Path(shard_dir).glob("shard-*.parquet"))
     if not files:
         raise FileNotFoundError(f"no image shards (shard-*.parquet) in {shard_dir}; "
                                 "run `elmm-ray pack` first")

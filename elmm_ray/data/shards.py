@@ -7,7 +7,9 @@ undecodable or degenerate files are listed in the manifest with the reason and l
 The shard plan is a deterministic function of the image list, so a re-run knows which
 shards exist: each shard is written atomically with a sidecar record, and the manifest
 is written last. A complete output with the same fingerprint is skipped; an interrupted
-run redoes only the shards that are missing.
+run redoes only the shards that are missing, or whose bytes no longer match the sha256
+recorded in their sidecar (a corrupt shard is re-packed). Readers check every shard
+against the manifest's size and sha256 first (:func:`verify_shards`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 
 from elmm_ray import console
 from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.integrity import read_json_checked, sha256_file, verify_file
 from elmm_ray.layout import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -125,12 +128,51 @@ def _fingerprint(items: list, *extra: object) -> str:
     return h.hexdigest()[:20]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_file_sha256 = sha256_file
+REPACK_HINT = "rerun `elmm-ray pack` (it re-packs the bad shard), then the command again"
+
+
+def _read_pack_manifest(path: Path) -> dict | None:
+    """The manifest at ``path``, or ``None`` (with a warning) when it is not valid JSON: the
+    pack then runs again, reusing every intact shard."""
+    try:
+        data = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        log.warning("pack: %s is unreadable (%s); packing again (intact shards are reused)",
+                    path, err)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def shards_present(out_dir: str | Path, manifest: dict) -> bool:
+    """Cheap check (no hashing): every shard of ``manifest`` is there at its recorded size."""
+    out_dir = Path(out_dir)
+    for shard in manifest.get("shards", []):
+        path = out_dir / shard["file"]
+        if not path.is_file() or path.stat().st_size != int(shard["bytes"]):
+            return False
+    return True
+
+
+def pack_complete(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a complete pack output whose shards are all present."""
+    path = Path(out_dir) / MANIFEST
+    manifest = _read_pack_manifest(path) if path.is_file() else None
+    return bool(manifest and manifest.get("status") == "complete"
+                and shards_present(out_dir, manifest))
+
+
+def verify_shards(shard_dir: str | Path, manifest: dict) -> dict:
+    """Check every shard of a pack ``manifest`` against its recorded size and sha256 (one
+    read of the shards); a bad shard is moved aside and raises
+    :class:`~elmm_ray.integrity.CorruptionError` naming it. Returns bytes and seconds."""
+    start = time.perf_counter()
+    total = 0
+    for shard in manifest["shards"]:
+        verify_file(Path(shard_dir) / shard["file"], shard, REPACK_HINT, quarantine_bad=True)
+        total += int(shard["bytes"])
+    return {"shards": len(manifest["shards"]), "bytes": total,
+            "seconds": time.perf_counter() - start}
 
 
 def _shard_done(out_dir: Path, shard: dict) -> dict | None:
@@ -222,9 +264,10 @@ def pack_images(
         [(r["path"], r["size"], r["mtime_ns"]) for r in records], max_shard_bytes, min_side
     )
     manifest_path = out_dir / MANIFEST
-    if manifest_path.is_file():
-        old = read_json(manifest_path)
-        if old.get("status") == "complete" and old.get("fingerprint") == fingerprint:
+    old = _read_pack_manifest(manifest_path) if manifest_path.is_file() else None
+    if old is not None:
+        if (old.get("status") == "complete" and old.get("fingerprint") == fingerprint
+                and shards_present(out_dir, old)):
             log.info("pack: %s is complete; nothing to do", out_dir)
             return PackResult(out_dir, old, skipped=True)
 
@@ -307,7 +350,7 @@ def read_manifest(shard_dir: str | Path) -> dict:
         raise FileNotFoundError(
             f"no image shards at {shard_dir} (missing {MANIFEST}); run `elmm-ray pack` first"
         )
-    manifest = read_json(path)
+    manifest = read_json_checked(path, REPACK_HINT)
     if manifest.get("status") != "complete":
         raise RuntimeError(f"the pack output at {shard_dir} is incomplete; re-run `elmm-ray pack`")
     return manifest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_metrics_json(metrics: dict, path: str | Path) -> Path:
-    """Write ``metrics`` as strict JSON (NaN as null), creating parent folders."""
+    """Write ``metrics`` as strict JSON (NaN as null), creating parent folders; through a
+    temporary file and a rename, so a reader never sees half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(metrics), indent=2, sort_keys=False) + "\n",
-                    encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_jsonable(metrics), indent=2, sort_keys=False) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
     return path

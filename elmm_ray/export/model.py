@@ -40,6 +40,7 @@ from elmm_ray.eval.evaluate import refresh_entity_cache
 from elmm_ray.eval.report import write_metrics_json
 from elmm_ray.export.adapter import save_peft_adapter
 from elmm_ray.export.card import CardFacts, write_card
+from elmm_ray.integrity import read_json_checked, record_checksums, verify_checksums
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.backbone import resolve_dtype
 from elmm_ray.models.build import TINY, build_elmm
@@ -160,7 +161,8 @@ def export_model(model: ELMM, tokenizer, collator: QueryCollator, features,
         checkpoint=checkpoint, adapter=adapter, base=base,
         visual_tokens=meta["visual_tokens_per_query"], parameters=meta["parameters"],
         example=(kg.entities[head], kg.relation_texts[relation])), out)
-    (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+    record_checksums(out)  # every file's digest, checked by load_export
+    (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks it complete
     return out
 
 
@@ -253,7 +255,7 @@ def _read_meta(path: Path) -> dict:
     if not is_export(path):
         raise FileNotFoundError(f"{path} is not an elmm_ray export (missing {MARKER}); "
                                 "write one with `elmm-ray export RUN_DIR`")
-    meta = json.loads((path / MARKER).read_text())
+    meta = read_json_checked(path / MARKER, "rerun `elmm-ray export` for its run")
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: export format {meta.get('format')} is not supported "
                          f"(this version reads format {EXPORT_FORMAT})")
@@ -268,6 +270,9 @@ def load_export(path: str | Path) -> ExportedModel:
     """Load an export directory written by :func:`export_model`."""
     path = Path(path)
     meta = _read_meta(path)
+    verify_checksums(path, f"the export {path} cannot be trusted: rerun `elmm-ray export` "
+                     "for its run (the bad file is moved aside, so the export stage is no "
+                     "longer complete)", quarantine_bad=True)
     cfg = load_config(path / "config.yaml", [f"model.backbone={path / 'backbone'}"])
     tokenizer = load_tokenizer(path / "tokenizer")
     entity_rows, relation_rows = _read_tsv(path / "entities.tsv"), _read_tsv(path / "relations.tsv")

@@ -7,12 +7,13 @@ table, learned special tokens) train in full; everything else is frozen.
 
 A checkpoint directory holds ``adapter.safetensors`` (LoRA weights),
 ``trainable.safetensors`` (every other trainable tensor) and ``trainable.json`` (the LoRA
-settings and the name and shape of every tensor). No pickle anywhere.
+settings and the name and shape of every tensor), and ``checksums.json`` (size and sha256 of
+every file of the directory, sub-folders included: :mod:`elmm_ray.integrity`), checked
+before anything is loaded. No pickle anywhere.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
+from elmm_ray.integrity import read_json_checked, record_checksums, verify_checksums
+from elmm_ray.layout import write_json_atomic
 from elmm_ray.models.elmm import ELMM
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -132,8 +135,16 @@ def save_trainable(elmm: ELMM, directory: str | os.PathLike) -> Path:
         "adapter": {name: list(t.shape) for name, t in adapter.items()},
         "trainable": {name: list(t.shape) for name, t in trainable.items()},
     }
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json_atomic(directory / MANIFEST_FILE, manifest)
+    record_checksums(directory)
     return directory
+
+
+def repair_hint(directory: str | os.PathLike) -> str:
+    """The way out when the weights in ``directory`` are corrupt."""
+    return (f"the weights in {directory} cannot be trusted: rerun the stage that wrote them "
+            "(`elmm-ray train`, or `elmm-ray prune` for prune/): the bad file is moved aside, "
+            "so that stage is no longer complete and recomputes them")
 
 
 def load_trainable(elmm: ELMM, directory: str | os.PathLike) -> None:
@@ -148,7 +159,8 @@ def load_trainable(elmm: ELMM, directory: str | os.PathLike) -> None:
         raise FileNotFoundError(
             f"{manifest_path} not found: {directory} is not a directory written by save_trainable"
         )
-    manifest = json.loads(manifest_path.read_text())
+    verify_checksums(directory, repair_hint(directory), quarantine_bad=True)
+    manifest = read_json_checked(manifest_path, repair_hint(directory))
     if manifest.get("format") != FORMAT:
         raise CheckpointMismatchError(
             f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}"

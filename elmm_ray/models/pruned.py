@@ -25,9 +25,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from elmm_ray.integrity import record_checksums, verify_checksums
+from elmm_ray.layout import write_json_atomic
 from elmm_ray.models.backbone import resolve_dtype
 from elmm_ray.models.elmm import ELMM
-from elmm_ray.models.lora import save_trainable
+from elmm_ray.models.lora import repair_hint, save_trainable
 from elmm_ray.models.surgery import (
     LinearCompensation,
     attention_shape,
@@ -156,7 +158,8 @@ def save_pruned_backbone(model: ELMM | LlavaForConditionalGeneration,
     spec = pruning_spec(backbone) | {"aliases": aliases}
     if extra is not None:
         spec["extra"] = extra
-    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str) + "\n")
+    write_json_atomic(directory / SPEC_FILE, spec)
+    record_checksums(directory)
     return directory
 
 
@@ -180,6 +183,7 @@ def load_pruned_weights(model: ELMM | LlavaForConditionalGeneration,
     """Reshape an unpruned backbone (or an ELMM's) as saved in ``directory`` and load the
     saved weights into it, strictly. Call before LoRA adapters are applied."""
     backbone = _backbone(model)
+    verify_checksums(directory, repair_hint(directory), quarantine_bad=True)
     spec = read_spec(directory)
     apply_pruning_spec(backbone, spec)
     saved = load_file(str(Path(directory) / WEIGHTS_FILE))

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from elmm_ray.config import Config
-from elmm_ray.data.shards import MANIFEST as PACK_MANIFEST
-from elmm_ray.data.shards import pack_images
+from elmm_ray.data.shards import pack_complete, pack_images
 from elmm_ray.data.synth import MANIFEST_NAME as SYNTH_MANIFEST
 from elmm_ray.data.synth import synth_from_config
 from elmm_ray.layout import RunLayout
@@ -38,7 +37,9 @@ def _synth_done(layout: RunLayout, cfg: Config) -> bool:
 
 
 def _pack_done(layout: RunLayout, cfg: Config) -> bool:
-    return (layout.shard_dir / PACK_MANIFEST).is_file()
+    """A readable, complete pack manifest whose shards are all there (a shard moved aside
+    as corrupt makes the stage run again: it re-packs that shard)."""
+    return pack_complete(layout.shard_dir)
 
 
 SYNTH = register(Stage(

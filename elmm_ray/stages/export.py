@@ -12,6 +12,7 @@ from elmm_ray.config import Config, config_from_dict, config_to_dict
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.export import MARKER, export_model, load_export
+from elmm_ray.integrity import intact
 from elmm_ray.layout import RunLayout, read_json
 from elmm_ray.models.build import forbid_model_build
 from elmm_ray.ray_session import init_ray
@@ -98,4 +99,5 @@ EXPORT = register(Stage(
     name="export", reads=("eval", "export"), exclude=RUN_ONLY_KEYS, needs=export_needs,
     run=run_export,
     describe=lambda m: m["out_dir"],
-    outputs_exist=lambda layout, cfg: (layout.export_dir / MARKER).is_file()))
+    outputs_exist=lambda layout, cfg: ((layout.export_dir / MARKER).is_file()
+                                       and intact(layout.export_dir))))

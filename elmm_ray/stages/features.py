@@ -17,7 +17,12 @@ from elmm_ray.config import Config, config_from_dict, config_to_dict
 from elmm_ray.data.embeddings import embeddings_to_store
 from elmm_ray.data.extraction import extract_features
 from elmm_ray.data.feature_store import MANIFEST as STORE_MANIFEST
-from elmm_ray.data.feature_store import FeatureStore, StoreLocation, expected_metadata
+from elmm_ray.data.feature_store import (
+    FeatureStore,
+    StoreLocation,
+    expected_metadata,
+    read_json_or_none,
+)
 from elmm_ray.layout import RunLayout
 from elmm_ray.ray_session import init_ray
 from elmm_ray.stages.base import Stage, StageContext, data_stages, image_stage, register
@@ -80,7 +85,10 @@ def extract_needs(cfg: Config) -> tuple[str, ...]:
 
 
 def _extract_done(layout: RunLayout, cfg: Config) -> bool:
-    return StoreLocation(layout.feature_store).exists(STORE_MANIFEST)
+    """The store's manifest is there and readable (a reader that finds a corrupt part
+    removes it, so the stage runs again and re-extracts that part)."""
+    manifest = read_json_or_none(StoreLocation(layout.feature_store), STORE_MANIFEST)
+    return bool(manifest and manifest.get("status") == "complete")
 
 
 class _EntityEncoder:

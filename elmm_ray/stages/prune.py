@@ -19,6 +19,7 @@ import time
 
 from elmm_ray.config import Config
 from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.integrity import intact
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.elmm import ELMM
 from elmm_ray.models.lora import load_trainable, merge_lora
@@ -277,5 +278,6 @@ PRUNE = register(Stage(
     name=STAGE, reads=("prune", "eval", "train", "lora"), exclude=RUN_ONLY_KEYS,
     needs=lambda cfg: ("train",), run=run_prune,
     describe=lambda m: f"{m['method']} {m['ratio']:g}: report {m['report']}",
-    outputs_exist=lambda layout, cfg: (layout.stage_dir(STAGE) / "prune_report.json").is_file()
-    and layout.pruned_model.is_dir()))
+    outputs_exist=lambda layout, cfg: ((layout.stage_dir(STAGE) / "prune_report.json").is_file()
+                                       and layout.pruned_model.is_dir()
+                                       and intact(layout.pruned_model))))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from elmm_ray.config import Config
 from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.eval.report import write_metrics_json
+from elmm_ray.integrity import intact
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.build import forbid_model_build
 from elmm_ray.stages.base import RUN_ONLY_KEYS, Stage, StageContext, image_stage, register
@@ -43,7 +44,10 @@ def run_train(ctx: StageContext) -> dict:
 
 
 def _trained(layout: RunLayout, cfg: Config) -> bool:
-    return (layout.trained_model / "trainable.json").is_file()
+    """The final weights are there, and they and the best round's match their recorded
+    sizes (a file moved aside as corrupt makes the stage run again)."""
+    return ((layout.trained_model / "trainable.json").is_file()
+            and intact(layout.trained_model) and intact(layout.best_model))
 
 
 def train_needs(cfg: Config) -> tuple[str, ...]:

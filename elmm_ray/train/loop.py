@@ -39,6 +39,7 @@ from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model
 from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json, write_json_atomic
 from elmm_ray.models.lora import save_trainable
+from elmm_ray.train.checkpoint_integrity import record_checkpoint, verify_checkpoint
 from elmm_ray.train.context import (
     ModelContext,
     build_context,
@@ -233,6 +234,7 @@ class RaySession:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as directory:
+                verify_checkpoint(directory)  # recorded digests, before anything is loaded
                 engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=False)
                 self.resumed_state = load_rank_state(directory, self.rank)
 
@@ -240,6 +242,7 @@ class RaySession:
         with tempfile.TemporaryDirectory(prefix="elmm_ckpt_") as tmp:
             self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
             save_rank_state(tmp, self.rank, state)
+            record_checkpoint(tmp, self.rank)
             self.train.report(record, checkpoint=self.train.Checkpoint.from_directory(tmp))
 
     def agree_to_stop(self, stop: bool) -> bool:

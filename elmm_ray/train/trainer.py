@@ -18,6 +18,7 @@ from elmm_ray.console import LoopProgress
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
 from elmm_ray.ray_session import init_ray
+from elmm_ray.train.checkpoint_integrity import verify_resume
 from elmm_ray.train.context import backbone_source
 from elmm_ray.train.loop import LoopSpec, train_local, train_loop_per_worker
 
@@ -92,6 +93,7 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     ``show_progress`` the driver shows rank 0's progress (sent through a Ray queue, so it
     works whatever node rank 0 runs on)."""
     init_ray(cfg.ray)
+    verify_resume(RunLayout.of(absolute_paths(cfg)).ray_train_storage / spec.run_name)
     with driver_progress(stage, show_progress and not tune_trial) as queue:
         result = build_trainer(cfg, kg, spec, tune_trial, queue).fit()
     if result.error:
