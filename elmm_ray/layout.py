@@ -68,6 +68,7 @@ def absolute_paths(cfg: Config) -> Config:
                 ids=_absolute(cfg.dataset.visual_embeddings.ids))),
         images=dataclasses.replace(cfg.images, shard_dir=_absolute(cfg.images.shard_dir),
                                    feature_store=_absolute(cfg.images.feature_store)),
+        train=dataclasses.replace(cfg.train, storage_path=_absolute(cfg.train.storage_path)),
     )
 
 
@@ -180,7 +181,8 @@ class RunLayout:
 
     @property
     def ray_train_storage(self) -> Path:
-        """Ray Train's ``storage_path`` (checkpoints of every Ray Train run of this run)."""
+        """Ray Train's default ``storage_path`` (checkpoints of every Ray Train run of this
+        run) when ``train.storage_path`` is unset."""
         return self.path("ray_train")
 
     def metrics_file(self, split: str) -> Path:

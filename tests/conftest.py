@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,13 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Fake AWS credentials for the S3 server of `s3_server`, set before any Ray process starts
+# (Ray workers inherit this environment): no test can reach a real bucket with real keys.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_SESSION_TOKEN="testing", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_EC2_METADATA_DISABLED="true")
+for _key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_key, None)
 
 
 def shared_dataset(name: str) -> Path:
@@ -34,3 +43,37 @@ def ray_session(tmp_path_factory):
     init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """An S3-compatible server for object-storage tests: its endpoint and one bucket."""
+
+    endpoint: str
+    bucket: str
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object key in the bucket under ``prefix``."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.endpoint)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port, in a thread of this process) with the
+    bucket `elmm-test`; credentials are the fake ones set above."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    s3 = S3Server(endpoint=f"http://{host}:{port}", bucket="elmm-test")
+    boto3.client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket=s3.bucket)
+    yield s3
+    server.stop()

@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,7 @@ from elmm_ray.stages.train import evaluate
 from elmm_ray.train.context import final_context, load_trained_context
 from elmm_ray.train.loop import train_local
 from elmm_ray.train.trainer import train_ray
+from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -266,3 +270,75 @@ def test_eval_runs_on_ray_workers_and_the_driver_never_builds_the_model(zero2_ru
     # The export made on a worker is the trained model: its own evaluation agrees.
     assert eval_export(exported)["overall"]["mrr"] == pytest.approx(
         here["overall"]["mrr"], abs=1e-6)
+
+
+def _storage(s3_server, prefix: str) -> list[str]:
+    return [f"train.storage_path=s3://{s3_server.bucket}/{prefix}",
+            f"train.storage_endpoint={s3_server.endpoint}"]
+
+
+def test_checkpoints_on_s3_and_resume_after_a_worker_dies(tmp_path_factory, base, ray_session,
+                                                          zero2_run, s3_server):
+    """train.storage_path on an S3 server: the checkpoints are objects in the bucket (nothing
+    under <run_dir>/ray_train), and a worker that dies resumes from them exactly."""
+    reference_cfg, reference = zero2_run
+    cfg = _prepared_run(tmp_path_factory, "s3_fault", base, "deepspeed.zero_stage=2",
+                        "train.fail_at_step=9", "train.max_failures=1",
+                        *_storage(s3_server, "fault"))
+    summary = train_ray(cfg, load_dataset(cfg))
+    layout = RunLayout.of(cfg)
+    assert layout.path("train", ".fault_injected").is_file()  # it did die
+    assert not layout.ray_train_storage.exists()
+    run = f"s3://{s3_server.bucket}/fault/train/"
+    assert summary["checkpoint"].startswith(run + "checkpoint_")
+    keys = s3_server.keys("fault/train/")
+    latest = summary["checkpoint"].removeprefix(f"s3://{s3_server.bucket}/")
+    assert {f"{latest}/rank0000_state.pt", f"{latest}/rank0001_state.pt"} <= set(keys)
+    assert any(k.startswith(f"{latest}/ckpt/") for k in keys)  # the DeepSpeed shards
+    _assert_close(_trainable(cfg), _trainable(reference_cfg), atol=1e-5)
+    fault_curve = [(h["step"], round(h["val_mrr"], 5)) for h in summary["history"]]
+    assert fault_curve == [(h["step"], round(h["val_mrr"], 5)) for h in reference["history"]]
+
+
+def test_two_nodes_with_checkpoints_on_s3_match_one_node(tmp_path_factory, base, zero2_run,
+                                                         s3_server):
+    """A local multi-node cluster (tests/multinode_run.py in a subprocess: a head node with
+    no CPUs for work, two worker nodes of 1 CPU, all on 127.0.0.1): the images are packed
+    with Ray Data on the worker nodes, the two Ray Train workers run on different nodes,
+    checkpoints go to the S3 server, and the run ends exactly where the one-node run of the
+    same seed and world size (zero2_run) does: gloo's collectives over two nodes give the same
+    sums in the same order as over one."""
+    reference_cfg, reference = zero2_run
+    run_dir = tmp_path_factory.mktemp("multinode")
+    for part in ("tokenizer", "backbone"):
+        shutil.copytree(base / part, run_dir / part)
+    request = {
+        "config": "configs/demo.yaml", "shard_dir": str(run_dir / "shards"),
+        "ray_tmpdir": str(tmp_path_factory.mktemp("cluster")), "out": str(run_dir / "out.json"),
+        "overrides": [f"run_dir={run_dir}", *TINY, f"dataset.path={base / 'data'}",
+                      "dataset.name=synth", f"images.shard_dir={run_dir / 'shards'}",
+                      "deepspeed.zero_stage=2", *_storage(s3_server, "multinode")]}
+    (run_dir / "request.json").write_text(json.dumps(request))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "multinode_run.py"),
+                           str(run_dir / "request.json")], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((run_dir / "out.json").read_text())
+
+    assert result["driver_node"] == result["head_node"]
+    ranks = result["rank_nodes"]
+    assert sorted(ranks) == ["0", "1"]
+    assert ranks["0"] != ranks["1"] and set(ranks.values()) == set(result["worker_nodes"])
+    base_manifest = json.loads((base / "shards" / "manifest.json").read_text())
+    assert result["packed"]["images"] == base_manifest["images_packed"] > 0
+    summary = result["summary"]
+    assert summary["checkpoint"].startswith(f"s3://{s3_server.bucket}/multinode/train/")
+    assert s3_server.keys(summary["checkpoint"].removeprefix(f"s3://{s3_server.bucket}/"))
+    assert [(h["step"], h["val_mrr"], h["loss"]) for h in summary["history"]] == [
+        (h["step"], h["val_mrr"], h["loss"]) for h in reference["history"]]
+    cfg = load_config("configs/demo.yaml", request["overrides"])
+    trained, expected = _trainable(cfg), _trainable(reference_cfg)
+    assert trained.keys() == expected.keys()
+    assert all(torch.equal(trained[k], expected[k]) for k in trained)  # bit for bit

@@ -39,6 +39,8 @@ from elmm_ray.config.schema_data import (
     VisualEmbeddingsConfig,
 )
 
+# Object storage Ray Train writes to through pyarrow.fs (gs and gcs: Google Cloud Storage).
+STORAGE_SCHEMES = ("s3", "gs", "gcs")
 PresetName = Literal[tuple(MODEL_PRESETS)]  # type: ignore[valid-type]
 __all__ = ["RULE_ERROR", "EMBEDDING_SUFFIXES", "DatasetConfig", "ImagesConfig", "SynthConfig",
            "VisualEmbeddingsConfig"]
@@ -225,6 +227,35 @@ class TrainConfig:
         None, description="fault-injection test hook: rank 0 of the first attempt exits at "
         "this step (null = off)", ge=1,
     )
+    storage_path: OptStr = Field(
+        None, description="Ray Train storage (checkpoints, resume): a local or shared path, "
+        "or s3://bucket/prefix, gs://bucket/prefix (pyarrow.fs; every node needs access); "
+        "null: <run_dir>/ray_train"
+    )
+    storage_endpoint: OptStr = Field(
+        None, description="s3:// storage on an S3-compatible server (MinIO, Ceph, ...): its "
+        "endpoint, e.g. http://10.0.0.5:9000 (sent to every worker with the job); null: "
+        "AWS_ENDPOINT_URL where set, else AWS"
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> TrainConfig:
+        problems = []
+        scheme = self.storage_path.split("://", 1)[0] if self.storage_path and (
+            "://" in self.storage_path) else None
+        if scheme is not None and scheme not in STORAGE_SCHEMES:
+            problems.append(f"`train.storage_path` = {self.storage_path!r}: unknown scheme "
+                            f"{scheme!r}; use a path or one of "
+                            f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        if self.storage_endpoint and scheme != "s3":
+            problems.append(f"`train.storage_endpoint` = {self.storage_endpoint!r} needs "
+                            "`train.storage_path` = s3://bucket/prefix; unset it or the "
+                            "endpoint")
+        elif self.storage_endpoint and "://" not in self.storage_endpoint:
+            problems.append(f"`train.storage_endpoint` = {self.storage_endpoint!r}: give the "
+                            "scheme too, e.g. http://127.0.0.1:9000 or https://s3.example.com")
+        _raise_problems(problems)
+        return self
 
 
     @field_validator("loggers")

@@ -85,7 +85,8 @@ STAGES: dict[str, Stage] = {}
 # Keys that change how a training stage runs, not what it computes: never a reason to redo it.
 RUN_ONLY_KEYS = ("train.fail_at_step", "train.max_failures", "train.cpus_per_worker",
                  "train.checkpoints_to_keep", "train.loggers", "images.num_cpus_per_task",
-                 "images.max_shard_bytes", "eval.workers")
+                 "images.max_shard_bytes", "eval.workers", "train.storage_path",
+                 "train.storage_endpoint")
 
 
 def register(stage: Stage) -> Stage:

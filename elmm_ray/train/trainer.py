@@ -1,9 +1,11 @@
 """The Ray Train driver: a ``TorchTrainer`` over :func:`train_loop_per_worker`.
 
-The run name and storage path are stable (``<run_dir>/ray_train``, name
-``LoopSpec.run_name``), so the same command after an interruption resumes from the latest
-checkpoint; ``FailureConfig`` replaces dead workers and restarts them from the last
-checkpoint.
+The run name and storage path are stable (``train.storage_path``, default
+``<run_dir>/ray_train``; name ``LoopSpec.run_name``), so the same command after an
+interruption resumes from the latest checkpoint; ``FailureConfig`` replaces dead workers
+and restarts them from the last checkpoint. The storage may be object storage (``s3://``,
+``gs://`` through ``pyarrow.fs``); everything else a run writes stays in the run directory,
+which with several nodes must be a filesystem every node shares.
 """
 
 from __future__ import annotations
@@ -12,17 +14,65 @@ import contextlib
 import dataclasses
 import logging
 import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
-from elmm_ray.config import Config, config_to_dict
+from elmm_ray.config import Config, ConfigError, config_to_dict
 from elmm_ray.console import LoopProgress
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
 from elmm_ray.ray_session import init_ray
 from elmm_ray.train.checkpoint_integrity import verify_resume
 from elmm_ray.train.context import backbone_source
-from elmm_ray.train.loop import LoopSpec, train_local, train_loop_per_worker
+from elmm_ray.train.loop import MODEL_SUBDIR, LoopSpec, train_local, train_loop_per_worker
 
 log = logging.getLogger(__name__)
+
+# pyarrow's filesystem type names -> the URI scheme a user writes.
+_FS_SCHEMES = {"s3": "s3", "gcs": "gs"}
+
+
+def train_storage(cfg: Config) -> tuple[str, Any]:
+    """Ray Train's ``storage_path`` and ``storage_filesystem`` (``None``: a local path) for
+    ``cfg``: ``train.storage_path``, else ``<run_dir>/ray_train``. An ``s3://`` or ``gs://``
+    location opens through ``pyarrow.fs`` (``train.storage_endpoint`` for an S3-compatible
+    server; pyarrow also honours ``AWS_ENDPOINT_URL``); the filesystem object, endpoint
+    included, travels to the controller and every worker. Credentials come from each node's
+    environment. The location is checked from the driver first (the bucket exists and this
+    process may write there), so a mistake fails here, naming the key."""
+    location = cfg.train.storage_path
+    if not location:
+        return str(RunLayout.of(cfg).ray_train_storage), None
+    if "://" not in location:
+        return str(Path(location).expanduser().resolve()), None
+    import pyarrow
+    import pyarrow.fs as pafs
+
+    uri = location
+    if cfg.train.storage_endpoint:
+        uri += ("&" if "?" in uri else "?") + "endpoint_override=" + quote(
+            cfg.train.storage_endpoint, safe="")
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        fs.create_dir(path)
+    except (OSError, pyarrow.ArrowException) as err:
+        endpoint = cfg.train.storage_endpoint or "AWS_ENDPOINT_URL / the provider's default"
+        raise ConfigError([
+            f"`train.storage_path` = {location!r} cannot be written from this machine "
+            f"({err}); check that the bucket exists, the credentials in the environment "
+            f"(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) "
+            f"and the endpoint ({endpoint}), or unset the key to keep checkpoints in "
+            "<run_dir>/ray_train"]) from err
+    return path, fs
+
+
+def checkpoint_uri(checkpoint) -> str | None:
+    """Where a Ray Train checkpoint lives: a local path or ``s3://`` / ``gs://`` URI."""
+    if checkpoint is None:
+        return None
+    scheme = _FS_SCHEMES.get(getattr(checkpoint.filesystem, "type_name", ""))
+    return f"{scheme}://{checkpoint.path}" if scheme else checkpoint.path
 
 
 def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
@@ -42,6 +92,7 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
 
     cfg = absolute_paths(cfg)
     layout = RunLayout.of(cfg)
+    storage_path, storage_filesystem = train_storage(cfg)
     backbone_source(cfg, kg, layout)  # tokenizer + backbone written before any worker
     tc = cfg.train
     queries = kg.queries("train", tc.both_directions)
@@ -69,7 +120,8 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
         dataset_config=DataConfig(datasets_to_split=[]),
         run_config=RunConfig(
             name=spec.run_name,
-            storage_path=str(layout.ray_train_storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep,
                                                checkpoint_score_attribute="val_mrr",
                                                checkpoint_score_order="max"),
@@ -98,15 +150,29 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
         result = build_trainer(cfg, kg, spec, tune_trial, queue).fit()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
+    out = RunLayout.of(cfg).path(spec.out_subdir)
+    _check_rank0_outputs(out)
     # Rank 0 wrote the run's summary (its history spans every attempt of a resumed run).
-    summary = read_json(RunLayout.of(cfg).path(spec.out_subdir, "summary.json"))
+    summary = read_json(out / "summary.json")
     history = summary["history"]
     return {"steps": summary["steps"],
             "train_seconds": history[-1]["seconds"] if history else 0.0,
             "history": history,
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "best_checkpoints": [(c.path, m.get("val_mrr"))
+            "checkpoint": checkpoint_uri(result.checkpoint),
+            "best_checkpoints": [(checkpoint_uri(c), m.get("val_mrr"))
                                  for c, m in (result.best_checkpoints or [])]}
+
+
+def _check_rank0_outputs(out: Path) -> None:
+    """Rank 0 writes the trained weights and metrics into the run directory on its own node;
+    the driver must see them (one machine, or a run directory every node shares)."""
+    if not (out / MODEL_SUBDIR / "trainable.json").is_file():
+        raise FileNotFoundError(
+            f"Ray Train finished but the trained model is not in {out / MODEL_SUBDIR} on "
+            "this machine: rank 0 writes it into the run directory on its own node. With "
+            "several nodes, run_dir must be a filesystem every node mounts at the same path "
+            "(NFS, a cluster filesystem); only Ray Train's checkpoints (train.storage_path) "
+            "may be on object storage")
 
 
 @contextlib.contextmanager
