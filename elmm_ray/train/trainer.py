@@ -145,7 +145,10 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     ``show_progress`` the driver shows rank 0's progress (sent through a Ray queue, so it
     works whatever node rank 0 runs on)."""
     init_ray(cfg.ray)
-    verify_resume(RunLayout.of(absolute_paths(cfg)).ray_train_storage / spec.run_name)
+    if not cfg.train.storage_path or "://" not in cfg.train.storage_path:
+        # a local store is checked here; checkpoints on object storage are checked by each
+        # worker on the local copy it resumes from
+        verify_resume(Path(train_storage(absolute_paths(cfg))[0]) / spec.run_name)
     with driver_progress(stage, show_progress and not tune_trial) as queue:
         result = build_trainer(cfg, kg, spec, tune_trial, queue).fit()
     if result.error:
