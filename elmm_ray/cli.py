@@ -224,7 +224,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from elmm_ray.data.dataset import load_dataset
     from elmm_ray.export import CARD_FILE, MARKER
     from elmm_ray.stages import run_stage, run_stages
-    from elmm_ray.stages.export import export_needs, export_run
+    from elmm_ray.stages.export import export_needs, export_on_ray, export_run
 
     overrides = [*args.overrides]
     if args.checkpoint:
@@ -232,7 +232,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config_or_run_dir(args.run_dir, overrides)
     if args.out:  # a one-off copy elsewhere: not the run's export stage
         run_stages(list(export_needs(cfg)), cfg)
-        out = export_run(cfg, load_dataset(cfg), args.out)
+        out = (export_on_ray(cfg, args.out) if cfg.train.backend == "ray"
+               else export_run(cfg, load_dataset(cfg), args.out))
     else:
         out = Path(run_stage("export", cfg).manifest["out_dir"])
     meta = read_json(out / MARKER)

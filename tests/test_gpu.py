@@ -7,8 +7,10 @@ worker (DeepSpeed ZeRO-2, bf16, NCCL). They use the tiny synthetic dataset, neve
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -50,6 +52,14 @@ def tiny(tmp_path_factory):
     return cfg, kg, ctx
 
 
+@pytest.fixture(autouse=True)
+def _deepspeed_gpu_environment():
+    """What a GPU training worker does before DeepSpeed builds its fused ops."""
+    from elmm_ray.train import deepspeed as ds_setup
+
+    ds_setup.prepare_gpu_environment()
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_train_stage_on_ray_train_with_one_gpu_worker(tmp_path_factory):
@@ -75,6 +85,8 @@ def test_train_stage_on_ray_train_with_one_gpu_worker(tmp_path_factory):
     try:
         assert ray.cluster_resources().get("GPU", 0) >= 1, ray.cluster_resources()
         payload = run_stage("train", cfg, show_progress=False).manifest
+        # eval on a Ray GPU worker (eval.workers = train.num_workers), export on another
+        exported = run_stage("export", cfg, show_progress=False).manifest
     finally:
         if started:
             ray.shutdown()
@@ -84,6 +96,9 @@ def test_train_stage_on_ray_train_with_one_gpu_worker(tmp_path_factory):
         for key in ("loss", "val_mrr", "lr"):
             assert np.isfinite(record[key]), (key, record)
     assert (RunLayout.of(cfg).trained_model / "trainable.json").is_file()
+    metrics = json.loads(RunLayout.of(cfg).metrics_file(cfg.eval.split).read_text())
+    assert np.isfinite(metrics["overall"]["mrr"]) and metrics["num_queries"] > 0
+    assert (Path(exported["out_dir"]) / "elmm_export.json").is_file()
 
 
 def _history(cfg) -> list[dict]:
@@ -225,12 +240,14 @@ def test_session_collectives_and_sharded_cache_refresh_on_nccl(tiny, nccl_group)
     cfg, kg, ctx = tiny
     assert nccl_group.get_backend() == "nccl"
     session = SimpleNamespace(rank=0, world=1, device=CUDA)  # the state RaySession keeps
+    session.any_rank = lambda flag: RaySession.any_rank(session, flag)
     cpu_tensor = torch.arange(6.0).reshape(3, 2)
     gathered = RaySession.all_gather(session, cpu_tensor)
     assert gathered.device == cpu_tensor.device
     torch.testing.assert_close(gathered, cpu_tensor)
     assert RaySession.agree_to_stop(session, True) is True
     assert RaySession.agree_to_stop(session, False) is False
+    assert RaySession.any_rank(session, True) is True  # the new-best agreement of save_best
 
     model = copy.deepcopy(ctx.model).to(CUDA)
     model.entity_repr = "table+encoder"  # entity vectors read the cache

@@ -23,13 +23,15 @@ from elmm_ray.train.context import final_checkpoint, final_context
 
 
 def export_run(cfg: Config, kg, out_dir: str | Path | None = None,
-               checkpoint: str | None = None) -> Path:
+               checkpoint: str | None = None, device: str | None = None) -> Path:
     """Write the run's final model at ``checkpoint`` (default ``export.checkpoint``) to
     ``out_dir`` (default ``<run_dir>/export``). The card's metrics are the eval stage's
     when they measured these very weights (the last ones of an unpruned run), else the
     exported weights are evaluated here with the ``eval`` settings."""
     chosen = final_checkpoint(cfg, checkpoint or cfg.export.checkpoint)
     ctx = final_context(cfg, kg, chosen["checkpoint"])
+    if device:  # the merge, the card's evaluation and the final entity encoding run there
+        ctx.model.to(device)
     measured = RunLayout.of(cfg).metrics_file(cfg.eval.split)
     if chosen["checkpoint"] == "last" and not chosen["pruned"] and measured.is_file():
         metrics = read_json(measured)
@@ -40,13 +42,14 @@ def export_run(cfg: Config, kg, out_dir: str | Path | None = None,
                         checkpoint=chosen)
 
 
-def _export_task(config: dict) -> str:
+def _export_task(config: dict, out_dir: str | None) -> str:
     cfg = config_from_dict(config)
     torch.set_num_threads(cfg.train.threads_per_worker)
-    return str(export_run(cfg, load_dataset(cfg)))
+    device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else None
+    return str(export_run(cfg, load_dataset(cfg), out_dir, device=device))
 
 
-def export_on_ray(cfg: Config) -> Path:
+def export_on_ray(cfg: Config, out_dir: str | Path | None = None) -> Path:
     """:func:`export_run` on a Ray worker with a training worker's resources (CPUs, a GPU
     with ``train.use_gpu``): the merge of a 7B model needs the memory of a GPU node, not
     of the head the driver runs on. The run directory must be reachable from the worker."""
@@ -56,7 +59,8 @@ def export_on_ray(cfg: Config) -> Path:
     task = ray.remote(_export_task).options(
         num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
         max_retries=1)
-    return Path(ray.get(task.remote(config_to_dict(cfg))))
+    return Path(ray.get(task.remote(config_to_dict(cfg),
+                                    str(Path(out_dir).resolve()) if out_dir else None)))
 
 
 def run_export(ctx: StageContext) -> dict:

@@ -8,9 +8,13 @@ GPU: bf16 (or fp16), DeepSpeed's fused AdamW, or DeepSpeedCPUAdam with optimizer
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 from elmm_ray.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(cfg: Config, use_gpu: bool) -> str:
@@ -69,6 +73,28 @@ def prepare_cpu_environment() -> None:
     """Before importing deepspeed on a CPU worker: CPU accelerator, no JIT-compiled ops."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("DS_BUILD_OPS", "0")
+
+
+def prepare_gpu_environment() -> None:
+    """Before DeepSpeed JIT-builds its fused ops on a GPU worker: its arch parser reads
+    ``TORCH_CUDA_ARCH_LIST`` and fails on arch-specific entries such as ``9.0a`` (Hopper
+    images set them: "invalid literal for int() with base 10: '0a'"); keep the numeric
+    ones (``9.0``, ``8.0+PTX``), which build the same kernels for these ops."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        return
+    kept = []
+    for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
+        base, _, ptx = arch.partition("+")
+        base = re.sub(r"[a-z]+$", "", base)
+        if base and all(part.isdigit() for part in base.split(".")):
+            entry = base + ("+" + ptx if ptx else "")
+            if entry not in kept:
+                kept.append(entry)
+    if kept and ";".join(kept) != archs:
+        log.warning("TORCH_CUDA_ARCH_LIST=%r -> %r for DeepSpeed's JIT ops (it cannot parse "
+                    "arch suffixes)", archs, ";".join(kept))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(kept)
 
 
 def disable_jit_ops() -> None:

@@ -475,7 +475,9 @@ def train_loop_per_worker(config: dict) -> None:
     spec = LoopSpec(**config["spec"])
     from elmm_ray.train import deepspeed as ds_setup
 
-    if not cfg.train.use_gpu:
+    if cfg.train.use_gpu:
+        ds_setup.prepare_gpu_environment()
+    else:
         ds_setup.prepare_cpu_environment()
     torch.set_num_threads(cfg.train.threads_per_worker)
     import deepspeed
