@@ -77,18 +77,23 @@ def init_ray(cfg: RayConfig | None = None, *, quiet: bool = True) -> None:
         if cfg.num_cpus:
             kwargs["num_cpus"] = cfg.num_cpus
         ray.init(**kwargs)
+        _STARTED_HERE["local"] = True
     import ray.data  # noqa: F401  (installs its console handler, which console quiets)
 
     console.quiet_libraries()
     log.info("Ray session logs: %s", ray_logs_dir())
 
 
+_STARTED_HERE = {"local": False}  # this process started the local Ray it uses
+
+
 def ray_logs_dir() -> Path | None:
-    """This process's Ray session log folder when the Ray node runs on this machine."""
+    """The Ray session log folder of the local Ray this process started (a cluster it joined,
+    e.g. as a submitted job, keeps its logs there: other jobs' logs are not ours to copy)."""
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)
-    if not ray.is_initialized() or node is None:
+    if not ray.is_initialized() or node is None or not _STARTED_HERE["local"]:
         return None
     path = Path(node.get_logs_dir_path())
     return path if path.is_dir() else None

@@ -295,6 +295,29 @@ class Tracker:
         self.close()
 
 
+# Sections and keys that a later command of the same run changes without making another
+# experiment (`eval RUN eval.split=valid`, `export RUN --checkpoint best`, how a stage runs):
+# left out of the tracking run's identity, still logged as parameters.
+NOT_IDENTITY = ("eval", "export", "ray", "tune", "train.max_failures", "train.cpus_per_worker",
+                "train.checkpoints_to_keep", "train.storage_path", "train.storage_endpoint",
+                "images.num_cpus_per_task")
+
+
+def identity_hash(config: dict) -> str:
+    """The hash that names a tracking run: ``config`` without :data:`NOT_IDENTITY`."""
+    import copy
+
+    data = copy.deepcopy(config)
+    for key in NOT_IDENTITY:
+        *sections, leaf = key.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section, {})
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return config_hash(data)
+
+
 def run_config(cfg: Config) -> Config:
     """The config of the command that runs in ``cfg``'s run directory: its ``config.yaml``
     (written before any stage runs) when there is one, else ``cfg``. A loop run with derived
@@ -323,7 +346,7 @@ def open_tracker(cfg: Config, out: str | Path | None = None, *, resume: bool = F
     layout = RunLayout.of(cfg)
     path = layout.path(TRACKING_FILE)
     config = tracked_config(run_config(cfg))
-    key = config_hash(config)
+    key = identity_hash(config)
     record = read_json(path) if path.is_file() else {}
     if record.get("config_hash") != key:
         if record:

@@ -310,7 +310,8 @@ def check_dockerfile(text: str, dockerignore: str) -> None:
                  f"Dockerfile: {line!r} copies files owned by root")
     need(not re.search(r"pip install[^\n]*(\s-e\s|--editable)", text),
          "Dockerfile: an editable install (the image must hold the package)")
-    need(re.search(r"pip install[^\n]*\s\.(\s|$)", text), "Dockerfile: no `pip install .`")
+    need(re.search(r"pip install[^\n]*\s\"?\.(\[[\w,]+\])?\"?(\s|$)", text),
+         "Dockerfile: no `pip install .`")
     ignored = {line.strip() for line in dockerignore.splitlines()}
     for path in (".git", ".venv", "tests", "runs"):
         need(path in ignored, f".dockerignore: {path} is not excluded from the build context")
@@ -476,7 +477,8 @@ DEFECTS: dict[str, Callable[[], None]] = {
     "docker: unpinned torch": _docker_defect('"torch==${TORCH_VERSION}"', "torch"),
     "docker: root": _docker_defect("USER ray", "USER root"),
     "docker: root-owned copy": _docker_defect("COPY --chown=1000:100 jobs", "COPY jobs"),
-    "docker: editable": _docker_defect("-c /tmp/pins.txt .", "-c /tmp/pins.txt -e ."),
+    "docker: editable": _docker_defect("-c /tmp/pins.txt \".[mlflow,wandb]\"",
+                                       "-c /tmp/pins.txt -e \".[mlflow,wandb]\""),
     "dockerignore: .git": _docker_defect("USER ray", "USER ray", ignore_drop=".git"),
 }
 

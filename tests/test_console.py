@@ -3,6 +3,7 @@ from Ray Train's rank 0 reaching the driver."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -22,8 +23,27 @@ NOISE = ("State API", "PlacementGroupCleaner", "core_worker.cc", "constructor ar
          "Setting accelerator", "RayTrainWorker", "TrainController")
 
 
+@pytest.fixture
+def console_state(monkeypatch):
+    """Restore what console.setup changes: the root logger's handlers and level, the
+    environment variables it sets, the library loggers' handlers."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+                 "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        monkeypatch.delenv(name, raising=False)  # its old state comes back afterwards
+    yield
+    console.detach_log_file()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    console._state["verbose"] = False
+
+
 def test_stage_progress_prints_lines_when_not_a_terminal(capsys, monkeypatch):
     monkeypatch.setattr(console, "LINE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(console.sys, "stderr", io.StringIO())  # not a terminal, even with -s
     progress = console.StageProgress("extract", 10, "images")
     progress.update(n=4, failed=0)
     progress.update(n=6, failed=1)  # the last one: the stage runner says how it ended
@@ -37,7 +57,7 @@ def test_stage_progress_prints_lines_when_not_a_terminal(capsys, monkeypatch):
     assert lines[0].endswith("failed 0")
 
 
-def test_noise_is_kept_off_the_console_and_in_the_log_file(tmp_path, capsys):
+def test_noise_is_kept_off_the_console_and_in_the_log_file(tmp_path, capsys, console_state):
     import logging
 
     console.setup(verbose=False)

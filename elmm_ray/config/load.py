@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from elmm_ray.config.errors import ConfigError
 from elmm_ray.config.keys import key_info, section_class
 from elmm_ray.config.presets import MODEL_PRESETS
 from elmm_ray.config.schema import RULE_ERROR, Config
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigError", "build_config", "config_from_dict", "config_hash", "config_to_dict",
@@ -163,6 +166,7 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None,
         nested, parse_problems = parse_overrides(overrides)
         problems.extend(parse_problems)
         merged = _merge(merged, nested)
+    _migrate(merged, source)
     merged = _with_preset(merged)
     _whole_floats_to_int(merged)
     try:
@@ -173,6 +177,24 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None,
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def _migrate(merged: dict, source: str) -> None:
+    """Keys of older configs (run directories, exports) in their current place:
+    ``train.mlflow_uri`` (before the tracking section) -> ``tracking.mlflow_uri`` with
+    ``mlflow`` added to ``train.loggers`` when it was set."""
+    train = merged.get("train")
+    if isinstance(train, dict) and "mlflow_uri" in train:
+        uri = train.pop("mlflow_uri")
+        log.warning("%s: `train.mlflow_uri` is now `tracking.mlflow_uri` (with `mlflow` in "
+                    "`train.loggers`); read it as such", source or "config")
+        if uri:
+            tracking = merged.setdefault("tracking", {})
+            if isinstance(tracking, dict):
+                tracking.setdefault("mlflow_uri", uri)
+            loggers = train.get("loggers") or ["jsonl", "tensorboard"]
+            if isinstance(loggers, list) and "mlflow" not in loggers:
+                train["loggers"] = [*loggers, "mlflow"]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -48,6 +48,7 @@ from elmm_ray.data.feature_store import (
 )
 from elmm_ray.data.kg_io import DatasetError
 from elmm_ray.data.kg_mygo import read_name_list
+from elmm_ray.integrity import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +214,6 @@ def load_visual_embeddings(path: str | Path, entities: list[str], *, key: str | 
     return EmbeddingTable(features, mask, counts)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def embeddings_to_store(path: str | Path, store_dir: str, entities: list[str], *,
                         key: str | None = None, ids: str | None = None, axis: str = "images",
                         max_images: int = 10, part_bytes: int = DEFAULT_PART_BYTES) -> dict:
@@ -232,7 +225,7 @@ def embeddings_to_store(path: str | Path, store_dir: str, entities: list[str], *
     num, slots, tokens, width = table.features.shape
     metadata = {"version": STORE_VERSION,
                 **embeddings_identity(str(path), key, ids, axis, max_images),
-                "embeddings_sha256": _file_sha256(Path(path)), "feature_dtype": "float16",
+                "embeddings_sha256": sha256_file(path), "feature_dtype": "float16",
                 "tokens": tokens, "width": width, "max_images_per_entity": slots,
                 "num_entities": num, "layer": None, "pool": None, "weights_fingerprint": None}
     metadata["fingerprint"] = hashlib.sha256(

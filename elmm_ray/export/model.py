@@ -136,7 +136,10 @@ def export_model(model: ELMM, tokenizer, collator: QueryCollator, features,
         cfg, run_dir=str(Path(cfg.run_dir).resolve()),
         dataset=dataclasses.replace(cfg.dataset, path=str(RunLayout.of(cfg).dataset_dir)),
         model=dataclasses.replace(cfg.model, backbone="backbone"),
-        lora=dataclasses.replace(cfg.lora, enabled=False))
+        lora=dataclasses.replace(cfg.lora, enabled=False),
+        # where the run logged and checkpointed (a URI may hold credentials): not shipped
+        tracking=type(cfg.tracking)(),
+        train=dataclasses.replace(cfg.train, storage_path=None, storage_endpoint=None))
     dump_config(exported_cfg, out / "config.yaml")
     (out / "entities.tsv").write_text("".join(
         f"{e}\t{kg.entity_names[i]}\t{kg.entity_text(i)}\n" for i, e in enumerate(kg.entities)))

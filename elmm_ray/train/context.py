@@ -211,8 +211,15 @@ def load_pruned_context(cfg: Config, kg: KnowledgeGraph, model_dir: Path | None 
 CHECKPOINTS = ("best", "last")
 
 
-def _last_record(metrics_file: Path) -> dict | None:
-    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+def _last_record(out: Path) -> dict | None:
+    """The last validation record of the training in ``out``: its ``summary.json`` (rank 0
+    always writes it), else ``metrics.jsonl`` (only with ``jsonl`` in ``train.loggers``)."""
+    summary = out / "summary.json"
+    if summary.is_file():
+        history = json.loads(summary.read_text()).get("history") or []
+        return history[-1] if history else None
+    lines = (out / "metrics.jsonl").read_text().splitlines() \
+        if (out / "metrics.jsonl").is_file() else []
     return json.loads(lines[-1]) if lines else None
 
 
@@ -237,7 +244,7 @@ def final_checkpoint(cfg: Config, checkpoint: str) -> dict:
         out, last_dir = layout.stage_dir("train"), layout.trained_model
     if checkpoint == "last":
         return {"checkpoint": "last", "pruned": pruned, "trainable_dir": str(last_dir),
-                "record": _last_record(out / "metrics.jsonl")}
+                "record": _last_record(out)}
     best = out / BEST_SUBDIR
     if not (best / BEST_RECORD).is_file():
         if pruned and cfg.prune.finetune_steps == 0:

@@ -36,7 +36,7 @@ from elmm_ray.config import Config, config_from_dict
 from elmm_ray.console import LoopProgress
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model
+from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model, shard_indices
 from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json, write_json_atomic
 from elmm_ray.models.lora import save_trainable
 from elmm_ray.train.checkpoint_integrity import record_checkpoint, verify_checkpoint
@@ -268,10 +268,8 @@ def refresh_entity_cache(ctx: ModelContext, batch_size: int, session) -> None:
     equal slice (the last padded, so every rank runs the same forwards, as ZeRO-3 needs),
     then all gather."""
     model = ctx.model
-    total, world = model.num_entities, session.world
-    per_rank = -(-total // world)
-    ids = torch.arange(session.rank * per_rank, (session.rank + 1) * per_rank).clamp(
-        max=total - 1)
+    total = model.num_entities
+    ids = torch.from_numpy(shard_indices(total, session.rank, session.world))
     mine = encode_all_entities(model, ctx.collator, ctx.features, batch_size, ids)
     model.set_entity_cache(session.all_gather(mine)[:total])
 
@@ -318,12 +316,21 @@ def save_best(model: torch.nn.Module, out: Path, record: dict, rank: int, gather
         save_trainable(model, tmp)
         write_json_atomic(tmp / BEST_RECORD, {
             key: record[key] for key in ("step", "epoch", "val_mrr", "val_hits1", "seconds")})
-        shutil.rmtree(best, ignore_errors=True)
+        # the old best is moved aside, not deleted, until the new one is in place
+        old = out / f".{BEST_SUBDIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            os.replace(best, old)
         os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _kept_best_mrr(out: Path) -> float | None:
-    """Val MRR of the best round already kept in ``<out>/best`` (a resumed run)."""
+    """Val MRR of the best round already kept in ``<out>/best`` (a resumed run; a best
+    moved aside by a save that died before swapping the new one in is put back)."""
+    old = out / f".{BEST_SUBDIR}.old"
+    if old.is_dir() and not (out / BEST_SUBDIR).exists():
+        os.replace(old, out / BEST_SUBDIR)
     record = out / BEST_SUBDIR / BEST_RECORD
     return float(read_json(record)["val_mrr"]) if record.is_file() else None
 
