@@ -63,8 +63,7 @@ INDEX_SCHEMA = pa.schema([
 # The fields of metadata.json that decide whether stored features can be reused.
 FINGERPRINT_FIELDS = (
     "version", "weights_fingerprint", "layer", "pool", "model_dtype", "tokens", "width",
-    "image_size", "max_images_per_entity", "num_entities", "pack_fingerprint",
-)
+    "image_size", "max_images_per_entity", "num_entities", "pack_fingerprint")
 
 
 def image_keys(entity: np.ndarray, image_index: np.ndarray) -> np.ndarray:
