@@ -325,13 +325,17 @@ def save_best(model: torch.nn.Module, out: Path, record: dict, rank: int, gather
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _kept_best_mrr(out: Path) -> float | None:
+def _kept_best_mrr(out: Path, rank: int) -> float | None:
     """Val MRR of the best round already kept in ``<out>/best`` (a resumed run; a best
-    moved aside by a save that died before swapping the new one in is put back)."""
-    old = out / f".{BEST_SUBDIR}.old"
-    if old.is_dir() and not (out / BEST_SUBDIR).exists():
-        os.replace(old, out / BEST_SUBDIR)
-    record = out / BEST_SUBDIR / BEST_RECORD
+    moved aside by a save that died before swapping the new one in is put back by rank 0,
+    and read from where it is by the others)."""
+    old, best = out / f".{BEST_SUBDIR}.old", out / BEST_SUBDIR
+    if old.is_dir() and not best.exists():
+        if rank != 0:
+            record = old / BEST_RECORD
+            return float(read_json(record)["val_mrr"]) if record.is_file() else None
+        os.replace(old, best)
+    record = best / BEST_RECORD
     return float(read_json(record)["val_mrr"]) if record.is_file() else None
 
 
@@ -358,7 +362,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     known = kg.filter_index(("train",))
     step, history, seconds_before, eval_seconds = 0, [], 0.0, 0.0
     resumed = session.resumed_state
-    best_mrr = _kept_best_mrr(out) if resumed else None
+    best_mrr = _kept_best_mrr(out, rank) if resumed else None
     if not resumed and rank == 0:  # a fresh run: an older run's best is not this one's
         shutil.rmtree(out / BEST_SUBDIR, ignore_errors=True)
     if resumed:
