@@ -13,6 +13,7 @@ from elmm_ray import console
 from elmm_ray.config import Config, ConfigError, format_keys, json_schema, load_config
 from elmm_ray.data.kg import DatasetError, load_kg
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
+from elmm_ray.remote import is_uri
 from elmm_ray.tables import format_table
 
 # Commands that run a stage import the stage units (torch, transformers, Ray) when they run,
@@ -27,12 +28,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _run_logs(cfg: Config) -> Config:
     """Commands that work in a run directory log there (``<run_dir>/logs/``)."""
-    if console.attach_log_file(cfg.run_dir) is not None:
-        _STATE["run_dir"] = cfg.run_dir
+    layout = RunLayout.of(cfg)  # root: the local mirror of a run directory on object storage
+    if console.attach_log_file(layout.root) is not None:
+        _STATE["run_dir"], _STATE["layout"] = str(layout.root), layout
     return cfg
 
 
-_STATE: dict = {"run_dir": None}
+_STATE: dict = {"run_dir": None, "layout": None}
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -126,7 +128,17 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def _config_or_run_dir(target: str, overrides: list[str]) -> Config:
-    """A config file, or a run directory holding the resolved ``config.yaml``."""
+    """A config file, or a run directory (a local path or a URI) holding the resolved
+    ``config.yaml``."""
+    if is_uri(target):
+        probe = load_config(None, [f"run_dir={target}", *[o for o in overrides if o.startswith(
+            "storage_endpoint=")]])
+        layout = RunLayout.of(probe)
+        layout.pull()
+        if not layout.config_file.is_file():
+            raise FileNotFoundError(f"{target} holds no config.yaml (not a run directory)")
+        return _run_logs(absolute_paths(load_config(layout.config_file,
+                                                    [f"run_dir={target}", *overrides])))
     path = Path(target)
     if path.is_dir():
         resolved = path / "config.yaml"
@@ -313,7 +325,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         *[(f"Hits@{k}", f"{overall[f'hits@{k}']:.4f}") for k in cfg.eval.hits_at],
         ("train time", f"{result['train_seconds']:.1f} s"
          + (" (already trained: skipped)" if result["skipped_training"] else "")),
-        ("exported model", result["export_dir"]),
+        ("exported model", RunLayout.of(cfg).display(result["export_dir"])),
     ]
     print(format_table(rows, title=f"results ({cfg.eval.split}, filtered, both directions)"))
     stage_rows = [(stage, f"{seconds:.1f}") for stage, seconds in result["timings"].items()]
@@ -473,7 +485,7 @@ def main(argv: list[str] | None = None, *, whole_process: bool | None = None) ->
     if not args.verbose and (argv is None if whole_process is None else whole_process):
         console.filter_native_stderr()
     console.setup(args.verbose)
-    _STATE["run_dir"] = None
+    _STATE["run_dir"] = _STATE["layout"] = None
     try:
         return args.func(args)
     except (ConfigError, DatasetError, OSError, KeyError, ValueError) as err:
@@ -501,8 +513,15 @@ def _finish_logs() -> None:
         except OSError as err:  # a full disk must not hide the command's own outcome
             log.warning("could not copy Ray's logs to %s: %s", logs / "ray", err)
     console.detach_log_file()
+    layout = _STATE["layout"]
+    if layout is not None and layout.remote and logs.is_dir():
+        try:
+            layout.push("logs")
+        except OSError as err:
+            log.warning("could not push the logs to %s: %s", layout.location, err)
     if logs.is_dir():
-        print(f"logs: {logs}", file=sys.stderr)
+        print(f"logs: {logs}" + (f" (and {layout.location}/logs)" if layout is not None
+                                  and layout.remote else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from elmm_ray.config import Config, config_to_dict, dump_config
+from elmm_ray.remote import RemoteMirror, is_uri, join_uri, mirror_dir, with_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,16 @@ def fingerprint(cfg: Config, keys: Iterable[str], inputs: Mapping[str, str] | No
 
 
 class RunLayout:
-    """Paths and manifests of one run directory (local paths; the feature store may be a
-    cloud URI)."""
+    """Paths and manifests of one run directory. The paths are local: with a run directory
+    on object storage (``remote``) they are those of its local mirror
+    (:mod:`elmm_ray.remote`), except the feature store, which is a URI there."""
 
     def __init__(self, root: str | Path, *, dataset_dir: str | None = None,
-                 shard_dir: str | None = None, feature_store: str | None = None) -> None:
-        self.root = Path(root).expanduser().resolve()
+                 shard_dir: str | None = None, feature_store: str | None = None,
+                 remote: RemoteMirror | None = None, endpoint: str | None = None) -> None:
+        self.remote = remote
+        self.endpoint = endpoint
+        self.root = remote.local if remote else Path(root).expanduser().resolve()
         self._dataset_dir = dataset_dir
         self._shard_dir = shard_dir
         self._feature_store = feature_store
@@ -115,9 +120,37 @@ class RunLayout:
     @classmethod
     def of(cls, cfg: Config) -> RunLayout:
         """The layout of ``cfg``: its run directory plus the locations it overrides."""
+        remote = None
+        if is_uri(cfg.run_dir):
+            remote = RemoteMirror(cfg.run_dir, cfg.storage_endpoint, mirror_dir(cfg.run_dir))
         return cls(cfg.run_dir, dataset_dir=cfg.dataset.path or None,
                    shard_dir=cfg.images.shard_dir or None,
-                   feature_store=cfg.images.feature_store or None)
+                   feature_store=cfg.images.feature_store or None, remote=remote,
+                   endpoint=cfg.storage_endpoint)
+
+    @property
+    def location(self) -> str:
+        """The run directory as the user named it (its URI when remote)."""
+        return self.remote.uri if self.remote else str(self.root)
+
+    def display(self, path: str | Path) -> str:
+        """``path`` as the user knows it: inside a remote run directory's mirror, its URI."""
+        if self.remote:
+            try:
+                return f"{self.remote.uri}/{Path(path).relative_to(self.root).as_posix()}"
+            except ValueError:
+                pass
+        return str(path)
+
+    def pull(self, under: str = "") -> None:
+        """With a remote run directory: bring its files (below ``under``) into the mirror."""
+        if self.remote:
+            self.remote.pull(under)
+
+    def push(self, under: str = "") -> None:
+        """With a remote run directory: upload what changed in the mirror."""
+        if self.remote:
+            self.remote.push(under)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -138,11 +171,14 @@ class RunLayout:
 
     @property
     def feature_store(self) -> str:
-        """``images.feature_store`` (a local path or a cloud URI), else ``<run_dir>/features``."""
+        """``images.feature_store`` (a local path or a cloud URI), else ``<run_dir>/features``
+        (with a remote run directory: that URI, with ``storage_endpoint`` in its query)."""
         configured = self._feature_store
         if configured:
-            return configured if "://" in configured else str(
+            return with_endpoint(configured, self.endpoint) if is_uri(configured) else str(
                 Path(configured).expanduser().resolve())
+        if self.remote:  # on the object store itself, next to the mirrored files
+            return join_uri(with_endpoint(self.remote.uri, self.endpoint), "features")
         return str(self.path("features"))
 
     @property

@@ -299,7 +299,7 @@ class Tracker:
 # experiment (`eval RUN eval.split=valid`, `export RUN --checkpoint best`, how a stage runs):
 # left out of the tracking run's identity, still logged as parameters.
 NOT_IDENTITY = ("eval", "export", "ray", "tune", "train.max_failures", "train.cpus_per_worker",
-                "train.checkpoints_to_keep", "train.storage_path", "train.storage_endpoint",
+                "train.checkpoints_to_keep", "train.storage_path", "storage_endpoint",
                 "images.num_cpus_per_task")
 
 

@@ -5,10 +5,14 @@
 
 REQUEST holds `config` (config file), `overrides` (key=value), `shard_dir` (where the image
 shards are packed with Ray Data on the cluster), `ray_tmpdir` (the cluster's own temp dir:
-its address file must not steer other processes' `ray.init()`) and `out` (the result JSON).
+its address file must not steer other processes' `ray.init()`), `node_caches` (one
+ELMM_RUN_CACHE per worker node: with a run directory on object storage each node works in a
+mirror of its own, as separate machines would) and `out` (the result JSON).
 The cluster: a head node with no CPUs for work (the driver and Ray Train's controller run
-there) and two worker nodes of 1 CPU each, all on 127.0.0.1. Each Ray Train worker records
-the node it runs on; the result holds the nodes, the pack counts and the training summary.
+there) and two worker nodes of 1 CPU each, all on 127.0.0.1. The driver pushes its mirror
+(tokenizer, backbone) first, as `run_stages` does before a stage. Each Ray Train worker
+records the node it runs on; the result holds the nodes, the pack counts and the training
+summary.
 """
 
 from __future__ import annotations
@@ -50,16 +54,20 @@ def main(request_file: str) -> None:
     from elmm_ray.config import load_config
     from elmm_ray.data.dataset import load_dataset
     from elmm_ray.data.shards import pack_images
+    from elmm_ray.layout import RunLayout, absolute_paths
     from elmm_ray.ray_session import init_ray
     from elmm_ray.train import trainer
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "node_ip_address": LOOPBACK, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK) for _ in range(2)]
+    workers = [cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK,
+                                env_vars={"ELMM_RUN_CACHE": cache})
+               for cache in request["node_caches"]]
     try:
         cfg = load_config(request["config"], [*request["overrides"],
                                                f"ray.address={cluster.address}"])
         kg = load_dataset(cfg)
+        RunLayout.of(absolute_paths(cfg)).push()
         init_ray(cfg.ray)
         # A Ray Data stage on the cluster: pack the images with tasks on the worker nodes.
         packed = pack_images(kg, request["shard_dir"], show_progress=False, use_ray=True)

@@ -27,6 +27,7 @@ from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.shards import pack_images
 from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.layout import RunLayout, absolute_paths
+from elmm_ray.remote import mirror_dir
 from elmm_ray.stages import run_stage
 from elmm_ray.stages.export import eval_export, export_run
 from elmm_ray.stages.train import evaluate
@@ -274,7 +275,7 @@ def test_eval_runs_on_ray_workers_and_the_driver_never_builds_the_model(zero2_ru
 
 def _storage(s3_server, prefix: str) -> list[str]:
     return [f"train.storage_path=s3://{s3_server.bucket}/{prefix}",
-            f"train.storage_endpoint={s3_server.endpoint}"]
+            f"storage_endpoint={s3_server.endpoint}"]
 
 
 def test_checkpoints_on_s3_and_resume_after_a_worker_dies(tmp_path_factory, base, ray_session,
@@ -300,32 +301,38 @@ def test_checkpoints_on_s3_and_resume_after_a_worker_dies(tmp_path_factory, base
     assert fault_curve == [(h["step"], round(h["val_mrr"], 5)) for h in reference["history"]]
 
 
-def test_two_nodes_with_checkpoints_on_s3_match_one_node(tmp_path_factory, base, zero2_run,
-                                                         s3_server):
+def test_two_nodes_with_the_run_directory_on_s3_match_one_node(
+        tmp_path_factory, base, zero2_run, s3_server, monkeypatch):
     """A local multi-node cluster (tests/multinode_run.py in a subprocess: a head node with
     no CPUs for work, two worker nodes of 1 CPU, all on 127.0.0.1): the images are packed
-    with Ray Data on the worker nodes, the two Ray Train workers run on different nodes,
-    checkpoints go to the S3 server, and the run ends exactly where the one-node run of the
-    same seed and world size (zero2_run) does: gloo's collectives over two nodes give the same
-    sums in the same order as over one."""
+    with Ray Data on the worker nodes, the two Ray Train workers run on different nodes, the
+    run directory is on the S3 server (each node works in a mirror of its own, as separate
+    machines do; checkpoints go to <run_dir>/ray_train there), and the run ends exactly where
+    the one-node run of the same seed and world size (zero2_run) does: gloo's collectives over
+    two nodes give the same sums in the same order as over one."""
     reference_cfg, reference = zero2_run
-    run_dir = tmp_path_factory.mktemp("multinode")
+    work = tmp_path_factory.mktemp("multinode")
+    caches = {name: work / f"cache_{name}" for name in ("driver", "node1", "node2", "reader")}
+    run_uri = f"s3://{s3_server.bucket}/multinode"
+    monkeypatch.setenv("ELMM_RUN_CACHE", str(caches["driver"]))
+    driver_mirror = mirror_dir(run_uri)
     for part in ("tokenizer", "backbone"):
-        shutil.copytree(base / part, run_dir / part)
+        shutil.copytree(base / part, driver_mirror / part)
     request = {
-        "config": "configs/demo.yaml", "shard_dir": str(run_dir / "shards"),
-        "ray_tmpdir": str(tmp_path_factory.mktemp("cluster")), "out": str(run_dir / "out.json"),
-        "overrides": [f"run_dir={run_dir}", *TINY, f"dataset.path={base / 'data'}",
-                      "dataset.name=synth", f"images.shard_dir={run_dir / 'shards'}",
-                      "deepspeed.zero_stage=2", *_storage(s3_server, "multinode")]}
-    (run_dir / "request.json").write_text(json.dumps(request))
+        "config": "configs/demo.yaml", "shard_dir": str(work / "shards"),
+        "ray_tmpdir": str(tmp_path_factory.mktemp("cluster")), "out": str(work / "out.json"),
+        "node_caches": [str(caches["node1"]), str(caches["node2"])],
+        "overrides": [f"run_dir={run_uri}", f"storage_endpoint={s3_server.endpoint}", *TINY,
+                      f"dataset.path={base / 'data'}", "dataset.name=synth",
+                      f"images.shard_dir={work / 'shards'}", "deepspeed.zero_stage=2"]}
+    (work / "request.json").write_text(json.dumps(request))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "multinode_run.py"),
-                           str(run_dir / "request.json")], cwd=REPO_ROOT, env=env,
+                           str(work / "request.json")], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads((run_dir / "out.json").read_text())
+    result = json.loads((work / "out.json").read_text())
 
     assert result["driver_node"] == result["head_node"]
     ranks = result["rank_nodes"]
@@ -334,11 +341,19 @@ def test_two_nodes_with_checkpoints_on_s3_match_one_node(tmp_path_factory, base,
     base_manifest = json.loads((base / "shards" / "manifest.json").read_text())
     assert result["packed"]["images"] == base_manifest["images_packed"] > 0
     summary = result["summary"]
-    assert summary["checkpoint"].startswith(f"s3://{s3_server.bucket}/multinode/train/")
+    assert summary["checkpoint"].startswith(f"{run_uri}/ray_train/train/")
     assert s3_server.keys(summary["checkpoint"].removeprefix(f"s3://{s3_server.bucket}/"))
+    # Both worker nodes pulled the inputs into their own mirrors; rank 0 pushed the trained
+    # model, which the driver pulled (train_ray checks it) and a new mirror pulls too.
+    for node in ("node1", "node2"):
+        node_mirror = caches[node] / "s3" / s3_server.bucket / "multinode"
+        assert (node_mirror / "tokenizer").is_dir(), node
+    assert (driver_mirror / "train" / "model" / "trainable.json").is_file()
+    monkeypatch.setenv("ELMM_RUN_CACHE", str(caches["reader"]))
     assert [(h["step"], h["val_mrr"], h["loss"]) for h in summary["history"]] == [
         (h["step"], h["val_mrr"], h["loss"]) for h in reference["history"]]
     cfg = load_config("configs/demo.yaml", request["overrides"])
+    RunLayout.of(cfg).pull()
     trained, expected = _trainable(cfg), _trainable(reference_cfg)
     assert trained.keys() == expected.keys()
     assert all(torch.equal(trained[k], expected[k]) for k in trained)  # bit for bit

@@ -24,17 +24,26 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["train.storage_path=hdfs://name/x"], "unknown scheme 'hdfs'"),
-    (["train.storage_endpoint=http://127.0.0.1:9000"], "needs `train.storage_path` = s3://"),
-    (["train.storage_path=gs://b/x", "train.storage_endpoint=http://127.0.0.1:9000"],
-     "needs `train.storage_path` = s3://"),
-    (["train.storage_path=s3://b/x", "train.storage_endpoint=127.0.0.1:9000"],
+    (["train.storage_path=hdfs://name/x"], "`train.storage_path` = 'hdfs://name/x': unknown "
+     "scheme 'hdfs'"),
+    (["run_dir=hdfs://name/x"], "`run_dir` = 'hdfs://name/x': unknown scheme"),
+    (["storage_endpoint=http://127.0.0.1:9000"], "is for s3:// locations"),
+    (["train.storage_path=gs://b/x", "storage_endpoint=http://127.0.0.1:9000"],
+     "is for s3:// locations"),
+    (["train.storage_path=s3://b/x", "storage_endpoint=127.0.0.1:9000"],
      "give the scheme too"),
 ])
 def test_storage_keys_are_checked(tmp_path, overrides, message):
-    with pytest.raises(ConfigError, match="train.storage") as err:
+    with pytest.raises(ConfigError) as err:
         _cfg(tmp_path, *overrides)
     assert message in str(err.value)
+
+
+def test_old_train_storage_endpoint_is_migrated(tmp_path, caplog):
+    cfg = _cfg(tmp_path, "train.storage_path=s3://b/x",
+               "train.storage_endpoint=http://127.0.0.1:9000")
+    assert cfg.storage_endpoint == "http://127.0.0.1:9000"
+    assert "`train.storage_endpoint` is now `storage_endpoint`" in caplog.text
 
 
 def test_local_storage_defaults_to_the_run_directory(tmp_path, monkeypatch):
@@ -48,7 +57,7 @@ def test_local_storage_defaults_to_the_run_directory(tmp_path, monkeypatch):
 def test_s3_storage_opens_with_the_endpoint_that_travels_to_workers(tmp_path, s3_server,
                                                                     monkeypatch):
     cfg = _cfg(tmp_path, f"train.storage_path=s3://{s3_server.bucket}/runs/a",
-               f"train.storage_endpoint={s3_server.endpoint}")
+               f"storage_endpoint={s3_server.endpoint}")
     path, fs = train_storage(cfg)
     assert path == f"{s3_server.bucket}/runs/a"
     assert isinstance(fs, pafs.S3FileSystem)
@@ -65,9 +74,9 @@ def test_s3_storage_opens_with_the_endpoint_that_travels_to_workers(tmp_path, s3
 
 def test_unreachable_storage_fails_on_the_driver_naming_the_key(tmp_path, s3_server):
     cfg = _cfg(tmp_path, "train.storage_path=s3://no-such-bucket/x",
-               f"train.storage_endpoint={s3_server.endpoint}")
-    with pytest.raises(ConfigError, match=r"`train.storage_path` = 's3://no-such-bucket/x' "
-                                          r"cannot be written.*bucket"):
+               f"storage_endpoint={s3_server.endpoint}")
+    with pytest.raises(ConfigError, match=r"`train.storage_path` = 's3://no-such-bucket/x': "
+                                          r"Ray Train's storage cannot be written.*bucket"):
         train_storage(cfg)
 
 
@@ -75,7 +84,7 @@ def test_storage_location_is_not_part_of_the_train_fingerprint(tmp_path):
     """Moving the checkpoints does not change what training computes: no retraining."""
     plain = _cfg(tmp_path)
     moved = _cfg(tmp_path, "train.storage_path=s3://b/x",
-                 "train.storage_endpoint=http://127.0.0.1:9000")
+                 "storage_endpoint=http://127.0.0.1:9000")
     upstream = {"entity_init": "e", "pack": "p", "extract": "x"}
     assert stage_fingerprint("train", plain, upstream) == stage_fingerprint("train", moved,
                                                                             upstream)

@@ -182,8 +182,15 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None,
 def _migrate(merged: dict, source: str) -> None:
     """Keys of older configs (run directories, exports) in their current place:
     ``train.mlflow_uri`` (before the tracking section) -> ``tracking.mlflow_uri`` with
-    ``mlflow`` added to ``train.loggers`` when it was set."""
+    ``mlflow`` added to ``train.loggers`` when it was set; ``train.storage_endpoint`` (before
+    run directories on object storage) -> ``storage_endpoint``."""
     train = merged.get("train")
+    if isinstance(train, dict) and "storage_endpoint" in train:
+        endpoint = train.pop("storage_endpoint")
+        log.warning("%s: `train.storage_endpoint` is now `storage_endpoint` (every s3:// "
+                    "location of the run); read it as such", source or "config")
+        if endpoint and not merged.get("storage_endpoint"):
+            merged["storage_endpoint"] = endpoint
     if isinstance(train, dict) and "mlflow_uri" in train:
         uri = train.pop("mlflow_uri")
         log.warning("%s: `train.mlflow_uri` is now `tracking.mlflow_uri` (with `mlflow` in "

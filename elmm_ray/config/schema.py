@@ -232,12 +232,6 @@ class TrainConfig:
         "or s3://bucket/prefix, gs://bucket/prefix (pyarrow.fs; every node needs access); "
         "null: <run_dir>/ray_train"
     )
-    storage_endpoint: OptStr = Field(
-        None, description="s3:// storage on an S3-compatible server (MinIO, Ceph, ...): its "
-        "endpoint, e.g. http://10.0.0.5:9000 (sent to every worker with the job); null: "
-        "AWS_ENDPOINT_URL where set, else AWS"
-    )
-
     @model_validator(mode="after")
     def _rules(self) -> TrainConfig:
         problems = []
@@ -247,13 +241,6 @@ class TrainConfig:
             problems.append(f"`train.storage_path` = {self.storage_path!r}: unknown scheme "
                             f"{scheme!r}; use a path or one of "
                             f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}")
-        if self.storage_endpoint and scheme != "s3":
-            problems.append(f"`train.storage_endpoint` = {self.storage_endpoint!r} needs "
-                            "`train.storage_path` = s3://bucket/prefix; unset it or the "
-                            "endpoint")
-        elif self.storage_endpoint and "://" not in self.storage_endpoint:
-            problems.append(f"`train.storage_endpoint` = {self.storage_endpoint!r}: give the "
-                            "scheme too, e.g. http://127.0.0.1:9000 or https://s3.example.com")
         _raise_problems(problems)
         return self
 
@@ -492,7 +479,14 @@ class Config:
     """The whole configuration: one section per stage plus the run directory."""
 
     run_dir: Str = Field(
-        "runs/default", description="run directory (local path) holding every stage's output"
+        "runs/default", description="run directory holding every stage's output: a local "
+        "path, or s3://bucket/prefix, gs://bucket/prefix (stages work in a local mirror, "
+        "$ELMM_RUN_CACHE or ~/.cache/elmm_ray/runs, pushed after every stage)"
+    )
+    storage_endpoint: OptStr = Field(
+        None, description="the endpoint of an S3-compatible server (MinIO, Ceph, ...) for "
+        "every s3:// location of the run (run_dir, train.storage_path, images.feature_store), "
+        "e.g. http://10.0.0.5:9000; null: AWS_ENDPOINT_URL where set, else AWS"
     )
     seed: Int = Field(0, description="global seed")
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="the dataset")
@@ -513,3 +507,22 @@ class Config:
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweeps")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig,
                                      description="experiment tracking (MLflow, W&B)")
+
+    @model_validator(mode="after")
+    def _storage_rules(self) -> Config:
+        problems = []
+        schemes = {key: value.split("://", 1)[0] for key, value in (
+            ("run_dir", self.run_dir), ("train.storage_path", self.train.storage_path),
+            ("images.feature_store", self.images.feature_store)) if value and "://" in value}
+        if schemes.get("run_dir", "s3") not in STORAGE_SCHEMES:
+            problems.append(f"`run_dir` = {self.run_dir!r}: unknown scheme; use a path or one "
+                            f"of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        if self.storage_endpoint and "s3" not in schemes.values():
+            problems.append(f"`storage_endpoint` = {self.storage_endpoint!r} is for s3:// "
+                            "locations, and run_dir, train.storage_path and "
+                            "images.feature_store name none; unset it")
+        elif self.storage_endpoint and "://" not in self.storage_endpoint:
+            problems.append(f"`storage_endpoint` = {self.storage_endpoint!r}: give the scheme "
+                            "too, e.g. http://127.0.0.1:9000 or https://s3.example.com")
+        _raise_problems(problems)
+        return self

@@ -3,20 +3,19 @@ training, evaluation and export read.
 
 The store is a directory (local path or a ``pyarrow.fs`` URI)::
 
-    metadata.json                 backbone, vision-weights fingerprint, layer, pool, shapes, ...
+    metadata.json                 backbone, vision-weights fingerprint, layer, pool, shapes
     parts/part-<hash>.npy         fp16 (rows, tokens, width), memory-mappable
-    parts/part-<hash>.index.parquet   (entity, entity_id, image_index, row, reason) of the part
+    parts/part-<hash>.index.parquet   (entity, entity_id, image_index, row, reason)
     index.parquet                 all fragments merged, written when the run completes
     manifest.json                 counts of every image (done / skipped / failed), last
 
 A part is committed when its index fragment exists (both written to a temporary name and
 renamed); the fragment records its ``.npy``'s size and sha256, the manifest collects them
-and ``index.parquet``'s. Readers check each part on first use in a process (cloud: size
-only); a corrupt part leaves the committed set, so the next extract redoes its images.
-:class:`FeatureStore` serves ``features_for(entity_ids)`` like ``FeatureBank``, reading
-only the rows it needs, its metadata checked against the model that reads it. The Ray
-Data pipeline that writes a store is :mod:`elmm_ray.data.extraction`.
-"""
+and ``index.parquet``'s. Readers check each part on first use in a process (cloud: size;
+then a node-local copy checked by sha256, :func:`elmm_ray.remote.cached_copy`); a corrupt
+part leaves the committed set, so the next extract redoes its images. :class:`FeatureStore`
+serves ``features_for(entity_ids)`` like ``FeatureBank``, its metadata checked against the
+model. Its writer is the Ray Data pipeline of :mod:`elmm_ray.data.extraction`."""
 
 from __future__ import annotations
 
@@ -42,6 +41,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the writer tasks do wit
 
 from elmm_ray.integrity import CORRUPT_SUFFIX, CorruptionError, HashingWriter, sha256_file
 from elmm_ray.layout import RunLayout
+from elmm_ray.remote import cached_copy
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def write_npy(stream: Any, array: np.ndarray) -> None:
 
 
 class _RemoteRows:
-    """Row access to an ``.npy`` part through ``read_at`` (no memory map off the local disk)."""
+    """Row access to an ``.npy`` part through ``read_at`` (``ELMM_PART_CACHE=off``)."""
 
     def __init__(self, fs: pafs.FileSystem, path: str) -> None:
         self.file = fs.open_input_file(path)
@@ -487,10 +487,10 @@ class FeatureStore:
             part = self._load_index()["parts"][pid]
             rel = posixpath.join(PARTS, part + ".npy")
             self._check_part(loc, part, rel)
-            if loc.is_local:
-                array = np.load(loc.path(rel), mmap_mode="r")
-            else:
-                array = _RemoteRows(loc.fs, loc.path(rel))
+            record = self.checksums.get("parts", {}).get(part) or {}
+            local = loc.path(rel) if loc.is_local else cached_copy(  # a node-local copy
+                loc.fs, loc.path(rel), record.get("bytes"), record.get("sha256"))
+            array = np.load(local, mmap_mode="r") if local else _RemoteRows(loc.fs, loc.path(rel))
             self._parts[pid] = array
         return array
 

@@ -133,13 +133,14 @@ def export_model(model: ELMM, tokenizer, collator: QueryCollator, features,
         save_file({"features": feats.half().contiguous(), "mask": mask.contiguous()},
                   str(out / "features.safetensors"))
     exported_cfg = dataclasses.replace(
-        cfg, run_dir=str(Path(cfg.run_dir).resolve()),
+        cfg, run_dir=cfg.run_dir if "://" in cfg.run_dir else str(Path(cfg.run_dir).resolve()),
+        storage_endpoint=None,
         dataset=dataclasses.replace(cfg.dataset, path=str(RunLayout.of(cfg).dataset_dir)),
         model=dataclasses.replace(cfg.model, backbone="backbone"),
         lora=dataclasses.replace(cfg.lora, enabled=False),
         # where the run logged and checkpointed (a URI may hold credentials): not shipped
         tracking=type(cfg.tracking)(),
-        train=dataclasses.replace(cfg.train, storage_path=None, storage_endpoint=None))
+        train=dataclasses.replace(cfg.train, storage_path=None))
     dump_config(exported_cfg, out / "config.yaml")
     (out / "entities.tsv").write_text("".join(
         f"{e}\t{kg.entity_names[i]}\t{kg.entity_text(i)}\n" for i, e in enumerate(kg.entities)))

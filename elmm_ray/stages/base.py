@@ -86,7 +86,7 @@ STAGES: dict[str, Stage] = {}
 RUN_ONLY_KEYS = ("train.fail_at_step", "train.max_failures", "train.cpus_per_worker",
                  "train.checkpoints_to_keep", "train.loggers", "images.num_cpus_per_task",
                  "images.max_shard_bytes", "eval.workers", "train.storage_path",
-                 "train.storage_endpoint")
+                 "storage_endpoint")
 
 
 def register(stage: Stage) -> Stage:
@@ -148,8 +148,20 @@ def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
     run): refused rather than run, which would write through the links."""
     cfg = absolute_paths(cfg)
     layout = RunLayout.of(cfg)
+    if layout.remote:  # work in the local mirror of the run directory on object storage
+        layout.remote.check_writable()
+        layout.pull()
     layout.write_config(cfg)
-    ctx = StageContext(cfg, show_progress, tune_trial, _kg=kg)
+    layout.push()
+    try:
+        return _run_planned(names, cfg, layout, StageContext(cfg, show_progress, tune_trial,
+                                                             _kg=kg), must_be_complete)
+    finally:
+        layout.push()  # what the stages left (also after a failure: logs, partial outputs)
+
+
+def _run_planned(names: list[str], cfg: Config, layout: RunLayout, ctx: StageContext,
+                 must_be_complete: tuple[str, ...]) -> dict[str, StageResult]:
     digests: dict[str, str] = {}
     order: list[str] = []
     for name in names:
@@ -172,6 +184,7 @@ def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
                                "changed after the sweep started?")
         # Until it completes, the stage's outputs are no longer those of its old manifest.
         layout.write_manifest(name, {"status": "running", "fingerprint": digest})
+        layout.push()  # workers on other nodes pull the upstream outputs from there
         ctx.fingerprint = digest
         start = time.perf_counter()
         payload = stage.run(ctx)
@@ -183,6 +196,7 @@ def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
                     "inputs": {n: digests[n] for n in stage.needs(cfg)},
                     "seconds": seconds, **payload}
         layout.write_manifest(name, manifest)
+        layout.push()  # outputs first, the manifest last: complete remotely only when whole
         digests[name] = f"{digest}:{manifest['run_id']}"
         ctx.results[name] = StageResult(name, {"stage": name, **manifest}, False, seconds)
     return ctx.results

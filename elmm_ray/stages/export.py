@@ -46,7 +46,12 @@ def _export_task(config: dict, out_dir: str | None) -> str:
     cfg = config_from_dict(config)
     torch.set_num_threads(cfg.train.threads_per_worker)
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else None
-    return str(export_run(cfg, load_dataset(cfg), out_dir, device=device))
+    layout = RunLayout.of(cfg)
+    layout.pull()  # a remote run directory: this node's mirror gets the model
+    out = export_run(cfg, load_dataset(cfg), out_dir, device=device)
+    if out_dir is None:
+        layout.push("export")  # for the driver, whatever node it is on
+    return str(out)
 
 
 def export_on_ray(cfg: Config, out_dir: str | Path | None = None) -> Path:
@@ -59,8 +64,11 @@ def export_on_ray(cfg: Config, out_dir: str | Path | None = None) -> Path:
     task = ray.remote(_export_task).options(
         num_cpus=cfg.train.cpus_per_worker, num_gpus=1 if cfg.train.use_gpu else 0,
         max_retries=1)
-    return Path(ray.get(task.remote(config_to_dict(cfg),
-                                    str(Path(out_dir).resolve()) if out_dir else None)))
+    out = Path(ray.get(task.remote(config_to_dict(cfg),
+                                   str(Path(out_dir).resolve()) if out_dir else None)))
+    if out_dir is None:
+        RunLayout.of(cfg).pull("export")
+    return out
 
 
 def run_export(ctx: StageContext) -> dict:
@@ -73,7 +81,8 @@ def run_export(ctx: StageContext) -> dict:
     with open_tracker(ctx.cfg) as tracker:
         tracker.log_artifact(out / MARKER, "export")
     record = (meta["checkpoint"] or {}).get("record") or {}
-    return {"out_dir": str(out), "parameters": meta["parameters"],
+    return {"out_dir": str(out), "location": ctx.layout.display(out),
+            "parameters": meta["parameters"],
             "checkpoint": ctx.cfg.export.checkpoint, "checkpoint_step": record.get("step"),
             "checkpoint_val_mrr": record.get("val_mrr"),
             "adapter": meta["adapter"] is not None}
@@ -102,6 +111,6 @@ def eval_export(model_dir: str | Path, split: str = "", max_queries: int | None 
 EXPORT = register(Stage(
     name="export", reads=("eval", "export"), exclude=RUN_ONLY_KEYS, needs=export_needs,
     run=run_export,
-    describe=lambda m: m["out_dir"],
+    describe=lambda m: m.get("location", m["out_dir"]),
     outputs_exist=lambda layout, cfg: ((layout.export_dir / MARKER).is_file()
                                        and intact(layout.export_dir))))

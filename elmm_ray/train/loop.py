@@ -495,6 +495,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     ds_setup.disable_jit_ops()
+    layout = RunLayout.of(cfg)
+    layout.pull()  # a remote run directory: this node's mirror gets the inputs
     kg = load_dataset(cfg)
     ctx = prepare_context(cfg, kg, spec)
     shard = ray.train.get_dataset_shard("train")
@@ -518,10 +520,12 @@ def train_loop_per_worker(config: dict) -> None:
     def gather(params):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3)
 
-    out = RunLayout.of(cfg).path(spec.out_subdir)
     sink = config.get("progress")
     run_loop(cfg, kg, ctx, queries, DeepSpeedEngine(engine, scheduler), RaySession(engine),
-             out, progress=QueueProgress(sink) if sink is not None else None, gather=gather)
+             layout.path(spec.out_subdir),
+             progress=QueueProgress(sink) if sink is not None else None, gather=gather)
+    if ray.train.get_context().get_world_rank() == 0:
+        layout.push(spec.out_subdir)  # rank 0's outputs, for the driver on another node
 
 
 class QueueProgress:

@@ -12,6 +12,7 @@ from elmm_ray.config import Config, config_from_dict, config_to_dict
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import metrics_of, rank_shard, refresh_entity_cache, select_queries
+from elmm_ray.layout import RunLayout
 from elmm_ray.ray_session import init_ray
 from elmm_ray.train.context import load_trained_context
 
@@ -27,6 +28,7 @@ def _rank_slice(config: dict, split: str, rank: int, world: int) -> dict:
     """One worker's share: the trained model, its slice of ``split``'s queries ranked."""
     cfg = config_from_dict(config)
     torch.set_num_threads(cfg.train.threads_per_worker)
+    RunLayout.of(cfg).pull()  # a remote run directory: this node's mirror gets the model
     kg = load_dataset(cfg)
     ctx = load_trained_context(cfg, kg)
     model = ctx.model.eval()

@@ -16,13 +16,13 @@ import logging
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from elmm_ray.config import Config, ConfigError, config_to_dict
 from elmm_ray.console import LoopProgress
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
 from elmm_ray.ray_session import init_ray
+from elmm_ray.remote import join_uri, open_uri
 from elmm_ray.train.checkpoint_integrity import verify_resume
 from elmm_ray.train.context import backbone_source
 from elmm_ray.train.loop import MODEL_SUBDIR, LoopSpec, train_local, train_loop_per_worker
@@ -35,35 +35,34 @@ _FS_SCHEMES = {"s3": "s3", "gcs": "gs"}
 
 def train_storage(cfg: Config) -> tuple[str, Any]:
     """Ray Train's ``storage_path`` and ``storage_filesystem`` (``None``: a local path) for
-    ``cfg``: ``train.storage_path``, else ``<run_dir>/ray_train``. An ``s3://`` or ``gs://``
-    location opens through ``pyarrow.fs`` (``train.storage_endpoint`` for an S3-compatible
-    server; pyarrow also honours ``AWS_ENDPOINT_URL``); the filesystem object, endpoint
-    included, travels to the controller and every worker. Credentials come from each node's
-    environment. The location is checked from the driver first (the bucket exists and this
-    process may write there), so a mistake fails here, naming the key."""
-    location = cfg.train.storage_path
+    ``cfg``: ``train.storage_path``, else ``<run_dir>/ray_train`` (on the object store itself
+    when the run directory is there). An ``s3://`` or ``gs://`` location opens through
+    ``pyarrow.fs`` (``storage_endpoint`` for an S3-compatible server; pyarrow also honours
+    ``AWS_ENDPOINT_URL``); the filesystem object, endpoint included, travels to the
+    controller and every worker. Credentials come from each node's environment. The
+    location is checked from the driver first (the bucket exists and this process may write
+    there), so a mistake fails here, naming the key."""
+    location, key = cfg.train.storage_path, "train.storage_path"
+    layout = RunLayout.of(cfg)
+    if not location and layout.remote:
+        location, key = join_uri(layout.remote.uri, "ray_train"), "run_dir"
     if not location:
-        return str(RunLayout.of(cfg).ray_train_storage), None
+        return str(layout.ray_train_storage), None
     if "://" not in location:
         return str(Path(location).expanduser().resolve()), None
     import pyarrow
-    import pyarrow.fs as pafs
 
-    uri = location
-    if cfg.train.storage_endpoint:
-        uri += ("&" if "?" in uri else "?") + "endpoint_override=" + quote(
-            cfg.train.storage_endpoint, safe="")
     try:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = open_uri(location, cfg.storage_endpoint)
         fs.create_dir(path)
     except (OSError, pyarrow.ArrowException) as err:
-        endpoint = cfg.train.storage_endpoint or "AWS_ENDPOINT_URL / the provider's default"
+        endpoint = cfg.storage_endpoint or "AWS_ENDPOINT_URL / the provider's default"
         raise ConfigError([
-            f"`train.storage_path` = {location!r} cannot be written from this machine "
-            f"({err}); check that the bucket exists, the credentials in the environment "
-            f"(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) "
-            f"and the endpoint ({endpoint}), or unset the key to keep checkpoints in "
-            "<run_dir>/ray_train"]) from err
+            f"`{key}` = {location!r}: Ray Train's storage cannot be written from this "
+            f"machine ({err}); check that the bucket exists, the credentials in the "
+            "environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            f"GOOGLE_APPLICATION_CREDENTIALS) and the endpoint ({endpoint}: `storage_endpoint`)"
+            ]) from err
     return path, fs
 
 
@@ -145,15 +144,18 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     ``show_progress`` the driver shows rank 0's progress (sent through a Ray queue, so it
     works whatever node rank 0 runs on)."""
     init_ray(cfg.ray)
-    if not cfg.train.storage_path or "://" not in cfg.train.storage_path:
+    storage, filesystem = train_storage(absolute_paths(cfg))
+    if filesystem is None:
         # a local store is checked here; checkpoints on object storage are checked by each
         # worker on the local copy it resumes from
-        verify_resume(Path(train_storage(absolute_paths(cfg))[0]) / spec.run_name)
+        verify_resume(Path(storage) / spec.run_name)
     with driver_progress(stage, show_progress and not tune_trial) as queue:
         result = build_trainer(cfg, kg, spec, tune_trial, queue).fit()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
-    out = RunLayout.of(cfg).path(spec.out_subdir)
+    layout = RunLayout.of(cfg)
+    layout.pull(spec.out_subdir)  # rank 0 pushed its outputs (a remote run directory)
+    out = layout.path(spec.out_subdir)
     _check_rank0_outputs(out)
     # Rank 0 wrote the run's summary (its history spans every attempt of a resumed run).
     summary = read_json(out / "summary.json")
@@ -173,9 +175,8 @@ def _check_rank0_outputs(out: Path) -> None:
         raise FileNotFoundError(
             f"Ray Train finished but the trained model is not in {out / MODEL_SUBDIR} on "
             "this machine: rank 0 writes it into the run directory on its own node. With "
-            "several nodes, run_dir must be a filesystem every node mounts at the same path "
-            "(NFS, a cluster filesystem); only Ray Train's checkpoints (train.storage_path) "
-            "may be on object storage")
+            "several nodes, run_dir must be on object storage (s3://, gs://) or a filesystem "
+            "every node mounts at the same path (NFS, a cluster filesystem)")
 
 
 @contextlib.contextmanager
