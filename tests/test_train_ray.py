@@ -207,30 +207,40 @@ def test_worker_death_resumes_exactly_from_the_last_checkpoint(tmp_path_factory,
         assert "train/training_curve.png" in artifacts
 
 
-def test_pruning_finetunes_through_the_same_loop_on_ray_workers(ray_session, zero2_run):
-    """train.backend=ray: each pruning round's fine-tuning runs on Ray Train workers (the
-    pruned model is saved, the workers load it and train it with DeepSpeed, the driver
-    loads the result back), and the saved pruned model scores what the report says."""
+def test_pruning_runs_on_ray_workers_and_finetunes_through_the_same_loop(ray_session,
+                                                                         zero2_run):
+    """train.backend=ray: the driver only orchestrates the prune stage (it never builds the
+    model): each round's importance pass and evaluations run in a Ray task, its fine-tuning
+    on Ray Train workers (they load the pruned model the task saved, rank 0 writes the
+    result back); the saved pruned model scores what the report says."""
+    from elmm_ray.models.build import forbid_model_build
     from elmm_ray.stages.base import StageContext
     from elmm_ray.stages.prune import run_prune
     from elmm_ray.train.context import load_pruned_context
 
     trained_cfg, _ = zero2_run
     cfg = dataclasses.replace(trained_cfg, prune=dataclasses.replace(
-        trained_cfg.prune, method="magnitude", ratio=0.3, steps=1, finetune_steps=4,
+        trained_cfg.prune, method="magnitude", ratio=0.3, steps=2, finetune_steps=4,
         calib_samples=8))
-    payload = run_prune(StageContext(cfg, show_progress=False))
+    with forbid_model_build("the driver only orchestrates (test)"):
+        payload = run_prune(StageContext(cfg, show_progress=False))
     layout = RunLayout.of(cfg)
-    finetuned = layout.path("prune", "finetune_1")
-    assert (finetuned / "start" / "backbone" / "pruning.json").is_file()  # what workers load
-    assert (finetuned / "model" / "trainable.json").is_file()  # what rank 0 wrote back
-    assert (layout.ray_train_storage / "prune_finetune_1").is_dir()  # a Ray Train run
-    history = [json.loads(x) for x in (finetuned / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [4] and history[0]["workers"] == 2
+    for k in (1, 2):
+        finetuned = layout.path("prune", f"finetune_{k}")
+        assert (finetuned / "start" / "backbone" / "pruning.json").is_file()  # workers load it
+        assert (finetuned / "model" / "trainable.json").is_file()  # what rank 0 wrote back
+        assert (layout.ray_train_storage / f"prune_finetune_{k}").is_dir()  # a Ray Train run
+        history = [json.loads(x) for x in (finetuned / "metrics.jsonl").read_text().splitlines()]
+        assert [h["step"] for h in history] == [4] and history[0]["workers"] == 2
+    report = json.loads(layout.path("prune", "prune_report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["rounds"][1]["amount"] == pytest.approx(0.3)
+    assert all("post_ft" in r and "finetune" in r for r in report["rounds"])
     kg = load_dataset(cfg)
     ctx = load_pruned_context(cfg, kg)
     metrics = evaluate(cfg, kg, ctx)
     assert metrics["overall"]["mrr"] == pytest.approx(payload["post_ft"]["mrr"], abs=1e-6)
+    assert payload["unpruned"]["mrr"] > 0 and payload["speedup"] > 0
 
 
 def test_encoder_entities_under_zero3_match_a_single_process(tmp_path_factory, base,

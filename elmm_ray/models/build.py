@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable
 
 import torch
@@ -48,6 +49,23 @@ def build_tokenizer(cfg: Config, texts: Iterable[str]) -> PreTrainedTokenizerBas
     return tokenizer
 
 
+def tiny_backbone(cfg: Config, tokenizer: PreTrainedTokenizerBase):
+    """The random-init tiny LLaVA of ``cfg`` (seeded by ``cfg.seed``: every process builds
+    the same weights), the first thing :func:`build_elmm` builds. Not guarded: creating the
+    tiny backbone's weights file once is not running the model."""
+    model = cfg.model
+    return build_tiny_llava(
+        vision_hidden=model.vision_hidden, vision_layers=model.vision_layers,
+        vision_heads=model.vision_heads, image_size=model.image_size,
+        patch_size=model.patch_size, llm_hidden=model.llm_hidden, llm_layers=model.llm_layers,
+        llm_heads=model.llm_heads, llm_kv_heads=model.llm_kv_heads,
+        llm_intermediate=model.llm_intermediate,
+        vocab_size=max(model.vocab_size, len(tokenizer)),
+        image_token_id=token_id(tokenizer, IMAGE_TOKEN),
+        pad_token_id=int(tokenizer.pad_token_id), seed=cfg.seed,
+    ).to(resolve_dtype(model.dtype))
+
+
 def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizerBase,
                feature_width: int | None = None) -> ELMM:
     """The ELMM of ``cfg`` (without LoRA: see :func:`elmm_ray.models.lora.apply_lora`).
@@ -55,6 +73,10 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
     ``feature_width``: the width of the visual features it will read (the feature store's);
     None or the vision tower's width: features go straight into MVTC / the projector, else
     through a trainable linear map (precomputed embeddings of another encoder)."""
+    if not _FORBIDDEN and os.environ.get("ELMM_ORCHESTRATOR_PID") == str(os.getpid()):
+        # a whole command's guard (tests): set for the driver, inherited by its workers,
+        # whose process ids differ
+        _FORBIDDEN.append("this process is the orchestrator (ELMM_ORCHESTRATOR_PID)")
     if _FORBIDDEN:
         raise RuntimeError(f"the model was built in a process that must not build it: "
                            f"{_FORBIDDEN[-1]}")
@@ -63,22 +85,7 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         if model.backbone == TINY:
-            backbone = build_tiny_llava(
-                vision_hidden=model.vision_hidden,
-                vision_layers=model.vision_layers,
-                vision_heads=model.vision_heads,
-                image_size=model.image_size,
-                patch_size=model.patch_size,
-                llm_hidden=model.llm_hidden,
-                llm_layers=model.llm_layers,
-                llm_heads=model.llm_heads,
-                llm_kv_heads=model.llm_kv_heads,
-                llm_intermediate=model.llm_intermediate,
-                vocab_size=max(model.vocab_size, len(tokenizer)),
-                image_token_id=token_id(tokenizer, IMAGE_TOKEN),
-                pad_token_id=int(tokenizer.pad_token_id),
-                seed=cfg.seed,
-            ).to(dtype)
+            backbone = tiny_backbone(cfg, tokenizer)
         else:
             from elmm_ray.models.pruned import load_any_backbone
 

@@ -25,7 +25,7 @@ from elmm_ray.data.image_features import FeatureBank, features_from_shards
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json
 from elmm_ray.models.backbone import image_feature_shape, vision_tower_of
-from elmm_ray.models.build import build_elmm, build_tokenizer, reads_images
+from elmm_ray.models.build import build_elmm, build_tokenizer, reads_images, tiny_backbone
 from elmm_ray.models.elmm import ELMM
 from elmm_ray.models.lora import apply_lora, load_trainable, lora_layers, set_trainable
 from elmm_ray.models.pruned import MODEL_BACKBONE_SUBDIR, load_pruned_weights
@@ -75,11 +75,13 @@ def backbone_source(cfg: Config, kg: KnowledgeGraph, layout: RunLayout) -> str:
     saved = layout.backbone
     if not (saved / "config.json").is_file():
         tokenizer = get_tokenizer(cfg, kg, layout)
-        model = build_elmm(cfg, num_entities=kg.num_entities, tokenizer=tokenizer)
+        with torch.random.fork_rng(devices=[]):  # as build_elmm seeds it
+            torch.manual_seed(cfg.seed)
+            backbone = tiny_backbone(cfg, tokenizer)
         # Written aside and renamed into place: concurrent processes never see half a
         # backbone, and the first one to finish wins (all build the same seeded weights).
         tmp = Path(tempfile.mkdtemp(prefix=".backbone.", dir=layout.root))
-        model.backbone.save_pretrained(tmp)
+        backbone.save_pretrained(tmp)
         try:
             os.rename(tmp, saved)
         except OSError:

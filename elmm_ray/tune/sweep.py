@@ -18,6 +18,7 @@ logs its own tracking run into the sweep's store).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -218,16 +219,23 @@ def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) ->
     keys = list(space.params)
     shared, stages = split_stages(cfg, keys)
     layout = RunLayout.of(cfg)
+    layout.pull()  # run_dir on object storage: the sweep so far, into this node's mirror
     layout.tune_dir.mkdir(parents=True, exist_ok=True)
     check_same_sweep(cfg, space)
-    # The sweep's own tracking run (and store, experiment) exist before trials run at once.
-    open_tracker(cfg).close()
     if shared:
         run_stages(shared, cfg, show_progress=show_progress)
+    if layout.remote:
+        # The trials and Ray Tune work in this node's mirror (one node), pushed at the end.
+        cfg = dataclasses.replace(cfg, run_dir=str(layout.root))
+    # The sweep's own tracking run (and store, experiment) exist before trials run at once.
+    open_tracker(cfg).close()
     init_ray(cfg.ray)
-    grid = build_tuner(cfg, space, shared, stages).fit()
-    rows = collect_rows(grid, keys)
-    front, best = write_outputs(cfg, rows, keys)
+    try:
+        grid = build_tuner(cfg, space, shared, stages).fit()
+        rows = collect_rows(grid, keys)
+        front, best = write_outputs(cfg, rows, keys)
+    finally:
+        layout.push()
     return SweepResult(rows, front, best, layout.tune_dir, shared, stages)
 
 
