@@ -113,24 +113,32 @@ class AttentionIO(NamedTuple):
 
 
 @torch.no_grad()
-def collect_layer_io(model: ELMM, data: CalibrationData, layer: int,
-                     queries: np.ndarray | None = None, context: bool = False) -> AttentionIO:
-    """The :class:`AttentionIO` of ``layer`` on ``queries`` (default: the calibration ones)."""
-    parts: list[tuple[torch.Tensor, ...]] = []
+def collect_layers_io(model: ELMM, data: CalibrationData, layers: Sequence[int],
+                      queries: np.ndarray | None = None, context: bool = False
+                      ) -> dict[int, AttentionIO]:
+    """The :class:`AttentionIO` of each of ``layers`` on ``queries`` (default: the calibration
+    ones), from one pass over the data."""
+    parts: dict[int, list[tuple[torch.Tensor, ...]]] = {int(i): [] for i in layers}
 
     def on_pair(index: int, *tensors: torch.Tensor) -> None:
-        parts.append(tuple(t.cpu() for t in tensors))
+        parts[index].append(tuple(t.cpu() for t in tensors))
 
     holder: dict = {}
-    handles = _hook_layers(model, [layer], on_pair, holder, context=context)
+    handles = _hook_layers(model, list(parts), on_pair, holder, context=context)
     try:
         for batch, _ in data.batches(queries, device=model_device(model)):
             _run_language_model(model, batch, holder)
     finally:
         for handle in handles:
             handle.remove()
-    columns = [torch.cat(column) for column in zip(*parts)]
-    return AttentionIO(*columns)
+    return {i: AttentionIO(*[torch.cat(column) for column in zip(*rows)])
+            for i, rows in parts.items()}
+
+
+def collect_layer_io(model: ELMM, data: CalibrationData, layer: int,
+                     queries: np.ndarray | None = None, context: bool = False) -> AttentionIO:
+    """The :class:`AttentionIO` of ``layer`` on ``queries`` (default: the calibration ones)."""
+    return collect_layers_io(model, data, [layer], queries, context)[layer]
 
 
 def collect_attention_io(model: ELMM, data: CalibrationData, layer: int,
