@@ -364,7 +364,7 @@ def test_pruned_lora_compensated_model_saves_and_reloads(tokenizer, collator, tm
     assert spec == pruning_spec(model) | {"aliases": spec["aliases"], "extra": {"note": "test"}}
     assert len(spec["removed_attention_layers"]) == 1
     assert spec["layers"][spec["removed_attention_layers"][0]]["compensation"] == {
-        "rank": 4, "bias": True}
+        "rank": 4, "bias": True, "context": False}
     manifest = json.loads((tmp_path / "trainable.json").read_text())
     assert any(".self_attn.down" in name for name in manifest["trainable"])
 

@@ -310,6 +310,12 @@ class PruneConfig:
     compensation_rank: Int | None = Field(
         None, description="rank of the compensation map (null = full d x d)", ge=1
     )
+    compensation: Literal["linear", "linear_mean"] = Field(
+        "linear", description="attention: map replacing a removed attention sublayer; "
+        "`linear` = ELMM's h @ W + b of the token's own state; `linear_mean` = plus a linear "
+        "map of the causal running mean of the states up to the token (token mixing, one more "
+        "d x d product per token, still no attention; bench/bench_compensation.py measures both)"
+    )
     ridge: Float = Field(1e-3, description="ridge of the compensation least squares", ge=0)
     finetune_steps: Int = Field(
         100, description="fine-tuning steps after each pruning round", ge=0

@@ -64,7 +64,8 @@ def pruning_spec(model: ELMM | LlavaForConditionalGeneration) -> dict:
         if isinstance(layer.self_attn, LinearCompensation):
             comp = layer.self_attn
             entry |= {"attention": "compensated", "heads": 0, "kv_heads": 0,
-                      "compensation": {"rank": comp.rank, "bias": comp.has_bias}}
+                      "compensation": {"rank": comp.rank, "bias": comp.has_bias,
+                                       "context": comp.uses_context}}
         else:
             heads, kv_heads, _, _ = attention_shape(layer.self_attn)
             entry |= {"attention": "heads", "heads": heads, "kv_heads": kv_heads,
@@ -111,9 +112,11 @@ def apply_pruning_spec(model: ELMM | LlavaForConditionalGeneration, spec: dict) 
         if entry["attention"] == "compensated":
             parameter = next(layer.parameters())
             comp = entry["compensation"]
+            # files written before token mixing existed have no "context" key
+            entry = entry | {"compensation": comp | {"context": comp.get("context", False)}}
             replace_attention(layer, LinearCompensation(
                 text.hidden_size, comp["rank"], bias=comp["bias"], dtype=parameter.dtype,
-                device=parameter.device))
+                device=parameter.device, context=entry["compensation"]["context"]))
         else:
             _, kv_now, _, _ = attention_shape(layer.self_attn)
             if entry["kv_heads"] < kv_now:

@@ -14,6 +14,14 @@ calibration states. :class:`LinearCompensation` stands in for ``self_attn`` and 
 Parametrising the deviation ``D`` from the identity keeps the residual stream exact, makes
 the ridge shrink ``W`` towards plain removal (``W = I``), and lets a rank-``r`` variant
 store ``D = down @ up`` (``2 d r`` numbers instead of ``d^2``).
+
+Token mixing (``context=True``): an attention output depends on the *other* tokens, which
+no map of the token's own state can express. The context variant adds a linear map of the
+causal running mean of the states up to and including the token,
+``h_mid ~= h @ W + mean_{s<=t}(h_s) @ C + b`` (``O(d^2)`` per token, no attention). The
+running mean is taken over the positions of the call, so it relies on right padding (what
+:meth:`ELMM.build_prompt` produces): a real token's mean covers only real tokens. It does
+not support incremental decoding with a KV cache (ELMM only encodes whole prompts).
 """
 
 from __future__ import annotations
@@ -30,47 +38,75 @@ if TYPE_CHECKING:
     from elmm_ray.models.elmm import ELMM
 
 
+def causal_mean(states: Tensor) -> Tensor:
+    """Running mean over the sequence axis (``-2``): row ``t`` is the mean of rows ``0..t``
+    (accumulated in float32, returned in the input's dtype)."""
+    acc = states.to(torch.float32).cumsum(dim=-2)
+    count = torch.arange(1, states.shape[-2] + 1, device=states.device, dtype=torch.float32)
+    return (acc / count.unsqueeze(-1)).to(states.dtype)
+
+
 @dataclass
 class CompensationFit:
-    """A fitted ``W = I + D`` (``D = down @ up`` when ``rank > 0``) and bias, float32."""
+    """A fitted ``W = I + D`` (``D = down @ up`` when ``rank > 0``) and bias, float32; with
+    token mixing also ``C`` (``context``; ``context_down @ up`` when ``rank > 0``), the map of
+    the causal running mean of the states."""
 
     delta: Tensor
     bias: Tensor | None
     rank: int = 0
     down: Tensor | None = None
     up: Tensor | None = None
+    context: Tensor | None = None
+    context_down: Tensor | None = None
 
     @property
     def weight(self) -> Tensor:
         return torch.eye(self.delta.shape[0], dtype=self.delta.dtype) + self.delta
 
-    def predict(self, inputs: Tensor) -> Tensor:
-        """``inputs @ W + b``."""
+    @property
+    def uses_context(self) -> bool:
+        return self.context is not None
+
+    def predict(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
+        """``inputs @ W + b`` (``+ context @ C`` for a token-mixing fit: ``context`` holds the
+        causal running means of the states, row for row)."""
         x = inputs.to(self.delta.dtype)
         out = x + x @ self.delta
+        if self.context is not None:
+            if context is None or context.shape != inputs.shape:
+                raise ValueError("this compensation mixes tokens: pass the causal running "
+                                 "means of the states (context) with the same shape as inputs")
+            out = out + context.to(self.delta.dtype) @ self.context
         return out + self.bias if self.bias is not None else out
 
 
 class LinearCompensation(nn.Module):
-    """Replacement of a decoder layer's ``self_attn``: ``h -> (h @ D + b, None)``.
+    """Replacement of a decoder layer's ``self_attn``: ``h -> (h @ D + b, None)``, with
+    ``context=True`` ``h -> (h @ D + causal_mean(h) @ C + b, None)``.
 
-    ``rank = 0``: ``D`` is a full ``d x d`` parameter (``delta``); ``rank = r``:
-    ``D = down (d x r) @ up (r x d)``. ``weight`` gives the full ``W = I + D``.
+    ``rank = 0``: ``D`` (``delta``) and ``C`` (``context``) are full ``d x d`` parameters;
+    ``rank = r``: ``D = down @ up`` and ``C = context_down @ up`` (``d x r`` and ``r x d``,
+    one shared ``up``). ``weight`` gives the full ``W = I + D``.
     """
 
     def __init__(self, hidden_size: int, rank: int = 0, bias: bool = True,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None
-                 ) -> None:
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 context: bool = False) -> None:
         super().__init__()
         if rank < 0 or rank > hidden_size:
             raise ValueError(f"compensation rank must be in [0, {hidden_size}], got {rank}")
-        self.hidden_size, self.rank = hidden_size, rank
+        self.hidden_size, self.rank, self.uses_context = hidden_size, rank, bool(context)
         kw = {"dtype": dtype, "device": device}
         if rank:
             self.down = nn.Parameter(torch.zeros(hidden_size, rank, **kw))
             self.up = nn.Parameter(torch.zeros(rank, hidden_size, **kw))
+            if context:
+                self.context_down = nn.Parameter(torch.zeros(hidden_size, rank, **kw))
         else:
             self.delta = nn.Parameter(torch.zeros(hidden_size, hidden_size, **kw))
+            if context:
+                self.context = nn.Parameter(torch.zeros(hidden_size, hidden_size, **kw))
         self.bias = nn.Parameter(torch.zeros(hidden_size, **kw)) if bias else None
 
     @property
@@ -81,6 +117,12 @@ class LinearCompensation(nn.Module):
         """``D = W - I``."""
         return self.down @ self.up if self.rank else self.delta
 
+    def context_matrix(self) -> Tensor | None:
+        """``C``, the map of the causal running mean (``None`` without token mixing)."""
+        if not self.uses_context:
+            return None
+        return self.context_down @ self.up if self.rank else self.context
+
     @property
     def weight(self) -> Tensor:
         """The full map ``W = I + D`` of ``h_mid = h @ W + b``."""
@@ -89,11 +131,18 @@ class LinearCompensation(nn.Module):
 
     def forward(self, hidden_states: Tensor, *args: object, **kwargs: object
                 ) -> tuple[Tensor, None]:
-        """Same call and return shape as ``LlamaAttention`` (extra arguments are ignored)."""
+        """Same call and return shape as ``LlamaAttention`` (extra arguments are ignored;
+        ``hidden_states`` is ``(B, L, d)``, the running mean runs over ``L``)."""
+        mean = causal_mean(hidden_states) if self.uses_context else None
         if self.rank:
-            out = (hidden_states @ self.down) @ self.up
+            low = hidden_states @ self.down
+            if mean is not None:
+                low = low + mean @ self.context_down
+            out = low @ self.up
         else:
             out = hidden_states @ self.delta
+            if mean is not None:
+                out = out + mean @ self.context
         if self.bias is not None:
             out = out + self.bias
         return out, None
@@ -101,18 +150,26 @@ class LinearCompensation(nn.Module):
     @torch.no_grad()
     def load_fit(self, fit: CompensationFit) -> None:
         """Copy a :func:`fit_compensation` result into the parameters."""
-        if fit.rank != self.rank or (fit.bias is not None) != self.has_bias:
-            raise ValueError("the fit's rank/bias do not match this module")
+        if (fit.rank != self.rank or (fit.bias is not None) != self.has_bias
+                or fit.uses_context != self.uses_context):
+            raise ValueError(f"the fit (rank {fit.rank}, bias {fit.bias is not None}, "
+                             f"context {fit.uses_context}) does not match this module "
+                             f"({self.extra_repr()})")
         if self.rank:
             self.down.copy_(fit.down.to(self.down.dtype))
             self.up.copy_(fit.up.to(self.up.dtype))
+            if self.uses_context:
+                self.context_down.copy_(fit.context_down.to(self.context_down.dtype))
         else:
             self.delta.copy_(fit.delta.to(self.delta.dtype))
+            if self.uses_context:
+                self.context.copy_(fit.context.to(self.context.dtype))
         if self.bias is not None:
             self.bias.copy_(fit.bias.to(self.bias.dtype))
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, rank={self.rank}, bias={self.has_bias}"
+        return (f"hidden_size={self.hidden_size}, rank={self.rank}, bias={self.has_bias}, "
+                f"context={self.uses_context}")
 
 
 def decoder_layers(model: ELMM) -> nn.ModuleList:

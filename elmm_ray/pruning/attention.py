@@ -7,13 +7,16 @@ layers (similarity above ``threshold``, or the top ``amount`` share of the layer
 their attention sublayer. Going bottom-up, each chosen layer's calibration states are
 recomputed with the layers below already pruned, a map ``W`` is fitted by ridge least
 squares from ``h`` to ``h + attn(norm(h))`` (:func:`fit_compensation`), and the sublayer
-is replaced by :class:`LinearCompensation` (the MLP sublayer stays).
+is replaced by :class:`LinearCompensation` (the MLP sublayer stays). With
+``compensation = "linear_mean"`` the map also reads the causal running mean of the states
+(token mixing, see :mod:`elmm_ray.models.surgery`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from torch import nn
 from elmm_ray.models.elmm import ELMM
 from elmm_ray.models.surgery import (
     LinearCompensation,
+    causal_mean,
     decoder_layers,
     is_compensated,
     replace_attention,
@@ -47,8 +51,11 @@ def _run_language_model(model: ELMM, batch: dict[str, torch.Tensor], holder: dic
                          attention_mask=mask.long())
 
 
-def _hook_layers(model: ELMM, layers: Sequence[int], on_pair, holder: dict) -> list:
-    """Hooks calling ``on_pair(index, h_in, h_mid)`` on the real positions of each layer."""
+def _hook_layers(model: ELMM, layers: Sequence[int], on_pair, holder: dict,
+                 context: bool = False) -> list:
+    """Hooks calling ``on_pair(index, h_in, h_mid)`` on the real positions of each layer
+    (``on_pair(index, h_in, h_mid, mean)`` with ``context``: ``mean`` the causal running
+    mean of ``h_in``, taken before the padding is dropped)."""
     handles = []
     for index in layers:
         layer = decoder_layers(model)[index]
@@ -60,7 +67,11 @@ def _hook_layers(model: ELMM, layers: Sequence[int], on_pair, holder: dict) -> l
         def attn_hook(module, args, output, state=state, index=index):
             mask = holder["mask"]
             h_in = state.pop("h")
-            on_pair(index, h_in[mask].float(), (h_in + output[0])[mask].float())
+            pair = (h_in[mask].float(), (h_in + output[0])[mask].float())
+            if context:
+                on_pair(index, *pair, causal_mean(h_in)[mask].float())
+            else:
+                on_pair(index, *pair)
 
         handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(layer.self_attn.register_forward_hook(attn_hook))
@@ -91,26 +102,50 @@ def attention_similarity(model: ELMM, data: CalibrationData) -> list[float | Non
             for i in range(len(decoder_layers(model)))]
 
 
-@torch.no_grad()
-def collect_attention_io(model: ELMM, data: CalibrationData, layer: int,
-                         queries: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h, h + attn(norm(h)))`` of ``layer`` at every real position, ``(N, d)`` float32 CPU."""
-    inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
+class AttentionIO(NamedTuple):
+    """Calibration states of one layer at every real position, ``(N, d)`` float32 CPU:
+    ``h``, ``h + attn(norm(h))`` and (``None`` unless asked for) the causal running mean of
+    ``h``."""
 
-    def on_pair(index: int, h_in: torch.Tensor, h_mid: torch.Tensor) -> None:
-        inputs.append(h_in.cpu())
-        outputs.append(h_mid.cpu())
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    context: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def collect_layers_io(model: ELMM, data: CalibrationData, layers: Sequence[int],
+                      queries: np.ndarray | None = None, context: bool = False
+                      ) -> dict[int, AttentionIO]:
+    """The :class:`AttentionIO` of each of ``layers`` on ``queries`` (default: the calibration
+    ones), from one pass over the data."""
+    parts: dict[int, list[tuple[torch.Tensor, ...]]] = {int(i): [] for i in layers}
+
+    def on_pair(index: int, *tensors: torch.Tensor) -> None:
+        parts[index].append(tuple(t.cpu() for t in tensors))
 
     holder: dict = {}
-    handles = _hook_layers(model, [layer], on_pair, holder)
+    handles = _hook_layers(model, list(parts), on_pair, holder, context=context)
     try:
         for batch, _ in data.batches(queries, device=model_device(model)):
             _run_language_model(model, batch, holder)
     finally:
         for handle in handles:
             handle.remove()
-    return torch.cat(inputs), torch.cat(outputs)
+    return {i: AttentionIO(*[torch.cat(column) for column in zip(*rows)])
+            for i, rows in parts.items()}
+
+
+def collect_layer_io(model: ELMM, data: CalibrationData, layer: int,
+                     queries: np.ndarray | None = None, context: bool = False) -> AttentionIO:
+    """The :class:`AttentionIO` of ``layer`` on ``queries`` (default: the calibration ones)."""
+    return collect_layers_io(model, data, [layer], queries, context)[layer]
+
+
+def collect_attention_io(model: ELMM, data: CalibrationData, layer: int,
+                         queries: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, h + attn(norm(h)))`` of ``layer`` at every real position, ``(N, d)`` float32 CPU."""
+    io = collect_layer_io(model, data, layer, queries)
+    return io.inputs, io.outputs
 
 
 @dataclass
@@ -150,18 +185,22 @@ class AttentionPruner(Pruner):
         layers = decoder_layers(model)
         hidden = model.backbone.config.text_config.hidden_size
         reports = []
+        mixed = opts.compensation == "linear_mean"
         for index in plan.layers:
-            inputs, outputs = collect_attention_io(model, data, index)
-            fit = fit_compensation(inputs, outputs, ridge=opts.ridge,
-                                   rank=opts.compensation_rank, bias=opts.fit_bias)
+            io = collect_layer_io(model, data, index, context=mixed)
+            fit = fit_compensation(io.inputs, io.outputs, ridge=opts.ridge,
+                                   rank=opts.compensation_rank, bias=opts.fit_bias,
+                                   context=io.context)
             record = {"layer": index, "similarity": plan.similarity[index],
-                      "errors": reconstruction_errors(inputs, outputs, fit)}
+                      "errors": reconstruction_errors(io.inputs, io.outputs, fit, io.context)}
             if data.holdout is not None and len(data.holdout):
-                held_in, held_out = collect_attention_io(model, data, index, data.holdout)
-                record["holdout_errors"] = reconstruction_errors(held_in, held_out, fit)
+                held = collect_layer_io(model, data, index, data.holdout, context=mixed)
+                record["holdout_errors"] = reconstruction_errors(held.inputs, held.outputs, fit,
+                                                                held.context)
             parameter = next(layers[index].parameters())
             module = LinearCompensation(hidden, fit.rank, bias=opts.fit_bias,
-                                        dtype=parameter.dtype, device=parameter.device)
+                                        dtype=parameter.dtype, device=parameter.device,
+                                        context=mixed)
             module.load_fit(fit)
             removed = _attention_params(layers[index])
             replace_attention(layers[index], module)
@@ -171,4 +210,5 @@ class AttentionPruner(Pruner):
         return {"layers": reports, "similarity": plan.similarity,
                 "pruned_layers": list(plan.layers), "mode": plan.mode,
                 "threshold": opts.threshold if plan.mode == "threshold" else None,
-                "compensation_rank": opts.compensation_rank, "ridge": opts.ridge}
+                "compensation_rank": opts.compensation_rank, "ridge": opts.ridge,
+                "compensation": opts.compensation}

@@ -39,6 +39,7 @@ class PruneOptions:
     min_heads_per_layer: int = 1
     min_neurons_per_layer: int = 8
     compensation_rank: int = 0
+    compensation: str = "linear"
     ridge: float = 1e-3
     fit_bias: bool = True
     grad_batch_size: int = 4
@@ -49,6 +50,9 @@ class PruneOptions:
             raise ValueError(f"importance must be 'squared' or 'taylor', got {self.importance!r}")
         if self.scope not in ("global", "per_layer"):
             raise ValueError(f"scope must be 'global' or 'per_layer', got {self.scope!r}")
+        if self.compensation not in ("linear", "linear_mean"):
+            raise ValueError("compensation must be 'linear' or 'linear_mean', got "
+                             f"{self.compensation!r}")
         if self.min_heads_per_layer < 1 or self.min_neurons_per_layer < 1:
             raise ValueError("min_heads_per_layer and min_neurons_per_layer must be >= 1")
         if self.grad_batch_size < 1:

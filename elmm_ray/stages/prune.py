@@ -74,7 +74,8 @@ def prune_options(cfg: Config) -> PruneOptions:
     return PruneOptions(threshold=p.threshold, importance=p.importance, scope=p.scope,
                         min_heads_per_layer=p.min_heads_per_layer,
                         min_neurons_per_layer=p.min_neurons_per_layer,
-                        compensation_rank=p.compensation_rank or 0, ridge=p.ridge, seed=p.seed)
+                        compensation_rank=p.compensation_rank or 0,
+                        compensation=p.compensation, ridge=p.ridge, seed=p.seed)
 
 
 def calibration_data(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
