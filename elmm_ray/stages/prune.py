@@ -19,6 +19,7 @@ import time
 
 from elmm_ray.config import Config
 from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.faults import fault_point
 from elmm_ray.integrity import intact
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.elmm import ELMM
@@ -140,6 +141,7 @@ def prune_schedule(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
         log.info("prune round %d/%d (%s %.3f): pre-FT %s post-FT %s", k, steps, p.method,
                  amount, record["pre_ft"], record["post_ft"])
         rounds.append(record)
+        fault_point("prune.round")
     return {"method": p.method, "ratio": p.ratio, "steps": steps, "rounds": rounds,
             "pre_ft": rounds[-1]["pre_ft"], "post_ft": rounds[-1]["post_ft"],
             "removed_share": 1 - prunable_parameters(ctx.model)

@@ -37,6 +37,7 @@ from elmm_ray.console import LoopProgress
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model, shard_indices
+from elmm_ray.faults import fault_point
 from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json, write_json_atomic
 from elmm_ray.models.lora import save_trainable
 from elmm_ray.train.checkpoint_integrity import record_checkpoint, verify_checkpoint
@@ -243,6 +244,7 @@ class RaySession:
             self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
             save_rank_state(tmp, self.rank, state)
             record_checkpoint(tmp, self.rank)
+            fault_point("train.checkpoint")
             self.train.report(record, checkpoint=self.train.Checkpoint.from_directory(tmp))
 
     def agree_to_stop(self, stop: bool) -> bool:
@@ -419,6 +421,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
                 time.perf_counter() - start > 60 * tc.max_minutes)):
             break
         _maybe_inject_fault(cfg, rank, step + 1, out)
+        fault_point("train.step")
         parts = compute_loss(model, ctx.collator, ctx.features, batch, known,
                              num_negatives=tc.num_negatives,
                              knowledge_weight=tc.knowledge_weight,
