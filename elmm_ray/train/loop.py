@@ -40,6 +40,7 @@ from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model, shard_in
 from elmm_ray.faults import fault_point
 from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json, write_json_atomic
 from elmm_ray.models.lora import save_trainable
+from elmm_ray.tracking import drop_records_after
 from elmm_ray.train.checkpoint_integrity import record_checkpoint, verify_checkpoint
 from elmm_ray.train.context import (
     ModelContext,
@@ -362,7 +363,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     steps = total_steps(cfg, batches.steps_per_epoch)
     generator = torch.Generator().manual_seed(tc.seed * 1000 + rank)
     known = kg.filter_index(("train",))
-    step, history, seconds_before, eval_seconds = 0, [], 0.0, 0.0
+    step, history, seconds_before, eval_seconds, losses = 0, [], 0.0, 0.0, []
     resumed = session.resumed_state
     best_mrr = _kept_best_mrr(out, rank) if resumed else None
     if not resumed and rank == 0:  # a fresh run: an older run's best is not this one's
@@ -372,12 +373,16 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         generator.set_state(resumed["generator"])
         step, history = int(resumed["step"]), json.loads(resumed["history"])
         seconds_before, eval_seconds = float(resumed["seconds"]), float(resumed["eval_seconds"])
+        losses = json.loads(resumed.get("losses", "[]"))  # every step's loss, not only these
+        if "torch_rng" in resumed:  # the dropout masks of an uninterrupted run
+            torch.set_rng_state(resumed["torch_rng"])
+        if rank == 0:  # records a killed attempt logged after its last checkpoint
+            drop_records_after(out, step)
     logger = MetricsLogger(cfg, out, enabled=rank == 0, resume=bool(resumed))
     eval_every = tc.eval_every or batches.steps_per_epoch
     samples_per_step = tc.batch_size * world
     start = time.perf_counter() - seconds_before
     memory: dict = {}
-    losses: list[float] = []
     window = []
     show = progress if rank == 0 else None
 
@@ -409,7 +414,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         session.report(record, {
             "data": batches.state_dict(), "generator": generator.get_state(), "step": step,
             "history": json.dumps(history), "seconds": time.perf_counter() - start,
-            "eval_seconds": eval_seconds})
+            "eval_seconds": eval_seconds, "losses": json.dumps(losses),
+            "torch_rng": torch.get_rng_state()})  # LoRA dropout draws from it
 
     last = None
     refresh_every = tc.entity_refresh_every if model.encodes_entities else None
