@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -115,6 +116,23 @@ class JsonlBackend:
 
     def close(self) -> None:
         pass
+
+
+def drop_records_after(out: Path, step: int) -> int:
+    """Remove the records of ``<out>/metrics.jsonl`` past ``step``: a resumed run redoes the
+    steps after its checkpoint, so records that a killed attempt logged for them (a
+    validation round logged, its checkpoint never reported) would be there twice. Returns
+    how many were removed. (TensorBoard, MLflow and W&B keep both values of such a step.)"""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 class TensorBoardBackend:

@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "elmm_ray"
 
 # Rank of each top-level part of the package: a module may import its own rank or lower.
 LAYERS: dict[str, int] = {
-    "config": 0, "layout": 0, "remote": 0, "integrity": 0, "tables": 0, "console": 0, "tracking": 0,
+    "config": 0, "layout": 0, "remote": 0, "integrity": 0, "faults": 0, "tables": 0,
+    "console": 0, "tracking": 0,
     "data": 1, "models": 1, "losses": 1,
     "pruning": 2, "eval": 2, "export": 2,
     "train": 3, "ray_session": 3,

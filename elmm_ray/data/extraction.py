@@ -56,6 +56,7 @@ from elmm_ray.data.feature_store import (
     write_index,
     write_part,
 )
+from elmm_ray.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ def _write_part(batch: dict, *, store: str) -> dict:
         "reason": pa.array([str(e) for e in batch["error"]], pa.string()),
     }, schema=INDEX_SCHEMA)
     write_part(loc, name, features, fragment)
+    fault_point("extract.write")
     return {"part": [name], "rows": [len(ok)], "done": [int(ok.sum())],
             "failed": [int((~ok).sum())]}
 
@@ -318,6 +320,7 @@ def extract_features(
                                 failed=this_run["failed"])
                 if on_part is not None:
                     on_part(summary)
+                fault_point("extract.part")
         progress.close()
     manifest = _finalize(loc, metadata, pack, images, this_run, time.perf_counter() - start)
     return ExtractResult(loc.uri, manifest, skipped=False)

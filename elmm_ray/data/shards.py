@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from elmm_ray import console
 from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.faults import fault_point
 from elmm_ray.integrity import read_json_checked, sha256_file, verify_file
 from elmm_ray.layout import read_json, write_json_atomic
 
@@ -220,6 +221,7 @@ def pack_shard(shard: dict) -> dict:
     tmp = out_dir / f".{shard['name']}.parquet.tmp"
     pq.write_table(table, tmp, compression="none")
     os.replace(tmp, final)
+    fault_point("pack.shard")
     record = {
         "name": shard["name"], "file": final.name, "rows": table.num_rows,
         "bytes": final.stat().st_size, "sha256": _file_sha256(final),
@@ -320,6 +322,7 @@ def pack_images(
             f"pack accounting mismatch: {manifest['images_packed']} packed + "
             f"{manifest['images_bad']} bad != {manifest['images_listed']} listed"
         )
+    fault_point("pack.manifest")
     write_json_atomic(manifest_path, manifest)
     return PackResult(out_dir, manifest, skipped=False)
 

@@ -40,6 +40,7 @@ from elmm_ray.eval.evaluate import refresh_entity_cache
 from elmm_ray.eval.report import write_metrics_json
 from elmm_ray.export.adapter import save_peft_adapter
 from elmm_ray.export.card import CardFacts, write_card
+from elmm_ray.faults import fault_point
 from elmm_ray.integrity import read_json_checked, record_checksums, verify_checksums
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.backbone import resolve_dtype
@@ -166,6 +167,7 @@ def export_model(model: ELMM, tokenizer, collator: QueryCollator, features,
         visual_tokens=meta["visual_tokens_per_query"], parameters=meta["parameters"],
         example=(kg.entities[head], kg.relation_texts[relation])), out)
     record_checksums(out)  # every file's digest, checked by load_export
+    fault_point("export.write")
     (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks it complete
     return out
 

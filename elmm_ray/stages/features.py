@@ -23,6 +23,7 @@ from elmm_ray.data.feature_store import (
     expected_metadata,
     read_json_or_none,
 )
+from elmm_ray.faults import fault_point
 from elmm_ray.layout import RunLayout
 from elmm_ray.ray_session import init_ray
 from elmm_ray.stages.base import Stage, StageContext, data_stages, image_stage, register
@@ -170,6 +171,7 @@ def run_entity_init(ctx: StageContext) -> dict:
     out = layout.entity_init
     tmp = out.with_name(f".{out.name}.tmp")
     save_file({"entity_table": table.contiguous()}, str(tmp))
+    fault_point("entity_init.save")
     os.replace(tmp, out)
     return {"path": str(out), "entities": int(table.shape[0]), "embed_dim": int(table.shape[1]),
             "store": store}

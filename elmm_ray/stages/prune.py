@@ -24,6 +24,7 @@ import torch
 from elmm_ray.config import Config, config_from_dict, config_to_dict
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
+from elmm_ray.faults import fault_point
 from elmm_ray.integrity import intact
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.build import forbid_model_build
@@ -171,6 +172,7 @@ def prune_schedule(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext,
         log.info("prune round %d/%d (%s %.3f): pre-FT %s post-FT %s", k, round_count(cfg),
                  p.method, record["amount"], record["pre_ft"], record["post_ft"])
         rounds.append(record)
+        fault_point("prune.round")
     return schedule_result(cfg, ctx, rounds)
 
 
@@ -417,6 +419,7 @@ def prune_on_ray(stage: StageContext) -> dict:
             rounds.append(record)
             log.info("prune round %d/%d (%s %.3f) on Ray: pre-FT %s", k, round_count(cfg),
                      cfg.prune.method, record["amount"], record["pre_ft"])
+            fault_point("prune.round")
     raise AssertionError("unreachable: the last task returns the result")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from elmm_ray.config import Config
 from elmm_ray.eval.evaluate import evaluate_model
 from elmm_ray.eval.report import write_metrics_json
+from elmm_ray.faults import fault_point
 from elmm_ray.integrity import intact
 from elmm_ray.layout import RunLayout
 from elmm_ray.models.build import forbid_model_build
@@ -66,6 +67,7 @@ def run_eval(ctx: StageContext) -> dict:
             metrics = evaluate_on_ray(cfg, ctx.kg)
     else:
         metrics = evaluate(cfg, ctx.kg, load_trained_context(cfg, ctx.kg))
+    fault_point("eval.metrics")
     path = write_metrics(cfg, metrics)
     with open_tracker(cfg) as tracker:
         tracker.log_metrics(metrics, f"eval/{metrics['split']}")

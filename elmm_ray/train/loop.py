@@ -1,14 +1,12 @@
 """The one training loop: training and post-pruning fine-tuning, local or on Ray Train.
 
-:func:`run_loop` is the loop body. What differs between backends sits behind two small
-adapters:
-
+:func:`run_loop` is the loop body. What differs between backends sits behind two adapters:
 - an **engine** (backward / step / learning rate / memory): :class:`TorchEngine` (AdamW,
   warm-up + cosine, accumulation, clipping: the local backend) or :class:`DeepSpeedEngine`
   (a ``deepspeed.initialize`` engine: ZeRO-2/3 on Ray Train workers);
 - a **session** (rank, world size, reporting, checkpoints): :class:`LocalSession` (one
-  process, no checkpoints) or :class:`RaySession` (``ray.train.report`` with every rank's
-  DeepSpeed shards plus its data position and sampler state, resumable).
+  process) or :class:`RaySession` (``ray.train.report`` with every rank's DeepSpeed shards,
+  data position, sampler and RNG state: resumable exactly).
 
 :func:`train_local` runs the loop in this process; :func:`train_loop_per_worker` is the
 function a ``TorchTrainer`` runs on every worker (see :mod:`elmm_ray.train.trainer`). Both
@@ -37,8 +35,10 @@ from elmm_ray.console import LoopProgress
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model, shard_indices
+from elmm_ray.faults import fault_point
 from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json, write_json_atomic
 from elmm_ray.models.lora import save_trainable
+from elmm_ray.tracking import drop_records_after
 from elmm_ray.train.checkpoint_integrity import record_checkpoint, verify_checkpoint
 from elmm_ray.train.context import (
     ModelContext,
@@ -243,6 +243,7 @@ class RaySession:
             self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
             save_rank_state(tmp, self.rank, state)
             record_checkpoint(tmp, self.rank)
+            fault_point("train.checkpoint")
             self.train.report(record, checkpoint=self.train.Checkpoint.from_directory(tmp))
 
     def agree_to_stop(self, stop: bool) -> bool:
@@ -293,10 +294,8 @@ def load_rank_state(directory: str | Path, rank: int) -> dict:
 
 def _maybe_inject_fault(cfg: Config, rank: int, step: int, out: Path) -> None:
     """Test hook (``train.fail_at_step``): rank 0 of the first attempt dies at that step."""
-    if not cfg.train.fail_at_step or rank != 0 or step != cfg.train.fail_at_step:
-        return
     marker = out / FAULT_MARKER
-    if marker.exists():
+    if not cfg.train.fail_at_step or rank or step != cfg.train.fail_at_step or marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"worker died on purpose at step {step}\n")
@@ -360,22 +359,26 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     steps = total_steps(cfg, batches.steps_per_epoch)
     generator = torch.Generator().manual_seed(tc.seed * 1000 + rank)
     known = kg.filter_index(("train",))
-    step, history, seconds_before, eval_seconds = 0, [], 0.0, 0.0
+    step, history, seconds_before, eval_seconds, losses = 0, [], 0.0, 0.0, []
     resumed = session.resumed_state
     best_mrr = _kept_best_mrr(out, rank) if resumed else None
     if not resumed and rank == 0:  # a fresh run: an older run's best is not this one's
         shutil.rmtree(out / BEST_SUBDIR, ignore_errors=True)
-    if resumed:
+    elif resumed:
         batches.load_state_dict(resumed["data"])
         generator.set_state(resumed["generator"])
         step, history = int(resumed["step"]), json.loads(resumed["history"])
         seconds_before, eval_seconds = float(resumed["seconds"]), float(resumed["eval_seconds"])
+        losses = json.loads(resumed.get("losses", "[]"))  # every step's loss, not only these
+        if "torch_rng" in resumed:  # the dropout masks of an uninterrupted run
+            torch.set_rng_state(resumed["torch_rng"])
+        if rank == 0:  # records a killed attempt logged after its last checkpoint
+            drop_records_after(out, step)
     logger = MetricsLogger(cfg, out, enabled=rank == 0, resume=bool(resumed))
     eval_every = tc.eval_every or batches.steps_per_epoch
     samples_per_step = tc.batch_size * world
     start = time.perf_counter() - seconds_before
     memory: dict = {}
-    losses: list[float] = []
     window = []
     show = progress if rank == 0 else None
 
@@ -407,7 +410,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         session.report(record, {
             "data": batches.state_dict(), "generator": generator.get_state(), "step": step,
             "history": json.dumps(history), "seconds": time.perf_counter() - start,
-            "eval_seconds": eval_seconds})
+            "eval_seconds": eval_seconds, "losses": json.dumps(losses),
+            "torch_rng": torch.get_rng_state()})  # LoRA dropout draws from it
 
     last = None
     refresh_every = tc.entity_refresh_every if model.encodes_entities else None
@@ -419,6 +423,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
                 time.perf_counter() - start > 60 * tc.max_minutes)):
             break
         _maybe_inject_fault(cfg, rank, step + 1, out)
+        fault_point("train.step")
         parts = compute_loss(model, ctx.collator, ctx.features, batch, known,
                              num_negatives=tc.num_negatives,
                              knowledge_weight=tc.knowledge_weight,

@@ -12,6 +12,7 @@ from elmm_ray.config import Config, config_from_dict, config_to_dict
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import metrics_of, rank_shard, refresh_entity_cache, select_queries
+from elmm_ray.faults import fault_point
 from elmm_ray.layout import RunLayout
 from elmm_ray.ray_session import init_ray
 from elmm_ray.train.context import load_trained_context
@@ -39,6 +40,7 @@ def _rank_slice(config: dict, split: str, rank: int, world: int) -> dict:
         queries = select_queries(kg, split, cfg.eval.max_queries or 0)
         ranks, top1 = rank_shard(model, ctx.collator, ctx.features, kg, queries,
                                  cfg.eval.batch_size, (rank, world))
+    fault_point("eval.rank")
     return {"rank": rank, "ranks": ranks, "top1": top1}
 
 

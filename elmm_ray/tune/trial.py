@@ -20,6 +20,7 @@ from elmm_ray.config import Config, build_config, config_from_dict, config_to_di
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import encode_queries
+from elmm_ray.faults import fault_point
 from elmm_ray.layout import RunLayout, read_json
 from elmm_ray.models.build import reads_images
 from elmm_ray.models.lora import merge_lora
@@ -132,4 +133,5 @@ def run_trial(config: dict) -> None:
     metrics.update(cost_metrics(cfg, load_dataset(cfg)))
     metrics["trial_seconds"] = time.perf_counter() - start
     metrics[COMPLETE] = True  # (Tune's own `done` is also set on stopped trials)
+    fault_point("tune.trial")
     tune.report(metrics)
