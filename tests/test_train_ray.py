@@ -257,6 +257,18 @@ def test_encoder_entities_under_zero3_match_a_single_process(tmp_path_factory, b
     summary = train_ray(cfg, load_dataset(cfg))
     assert summary["steps"] > 4  # the sharded refresh ran on both ranks
     _assert_close(_trainable(cfg), _trainable(local_cfg), atol=2e-4)
+    # Evaluation on 2 Ray workers: each encodes half the entities, both rank against the
+    # gathered table; the figures are those of one process encoding them all.
+    from elmm_ray.models.build import forbid_model_build
+    from elmm_ray.train.ray_eval import evaluate_on_ray
+
+    kg = load_dataset(cfg)
+    with forbid_model_build("the driver only orchestrates (test)"):
+        on_ray = evaluate_on_ray(cfg, kg, workers=2)
+    here = evaluate(cfg, kg, load_trained_context(cfg, kg))
+    assert on_ray["num_queries"] == here["num_queries"] > 0
+    for key, value in here["overall"].items():
+        assert on_ray["overall"][key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_eval_runs_on_ray_workers_and_the_driver_never_builds_the_model(zero2_run):
