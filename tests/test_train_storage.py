@@ -5,7 +5,9 @@ runs with checkpoints on S3 are in tests/test_train_ray.py."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -106,8 +108,15 @@ def test_checkpoint_uri_names_the_scheme(tmp_path, s3_server):
 
 
 def test_driver_says_when_rank0_outputs_are_on_another_node(tmp_path):
-    with pytest.raises(FileNotFoundError, match="shared|every node mounts"):
-        _check_rank0_outputs(tmp_path / "train")
+    started = time.time()
+    with pytest.raises(FileNotFoundError, match="every node mounts"):
+        _check_rank0_outputs(tmp_path / "train", started)
     (tmp_path / "train" / "model").mkdir(parents=True)
     (tmp_path / "train" / "model" / "trainable.json").write_text("{}")
-    _check_rank0_outputs(tmp_path / "train")
+    (tmp_path / "train" / "summary.json").write_text("{}")
+    _check_rank0_outputs(tmp_path / "train", started)
+    # An earlier run's outputs, left where rank 0 of this one did not write: refused.
+    old = started - 3600
+    os.utime(tmp_path / "train" / "summary.json", (old, old))
+    with pytest.raises(RuntimeError, match="older than this run: it is an earlier run's"):
+        _check_rank0_outputs(tmp_path / "train", started)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,7 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
         # a local store is checked here; checkpoints on object storage are checked by each
         # worker on the local copy it resumes from
         verify_resume(Path(storage) / spec.run_name)
+    started = time.time()
     with driver_progress(stage, show_progress and not tune_trial) as queue:
         result = build_trainer(cfg, kg, spec, tune_trial, queue).fit()
     if result.error:
@@ -156,7 +158,7 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     layout = RunLayout.of(cfg)
     layout.pull(spec.out_subdir)  # rank 0 pushed its outputs (a remote run directory)
     out = layout.path(spec.out_subdir)
-    _check_rank0_outputs(out)
+    _check_rank0_outputs(out, started)
     # Rank 0 wrote the run's summary (its history spans every attempt of a resumed run).
     summary = read_json(out / "summary.json")
     history = summary["history"]
@@ -168,15 +170,30 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
                                  for c, m in (result.best_checkpoints or [])]}
 
 
-def _check_rank0_outputs(out: Path) -> None:
+# How much older than the start of fit() rank 0's summary may look (clocks of a shared
+# filesystem's server and of this node differ a little) before it counts as another run's.
+CLOCK_SLACK_S = 30.0
+
+
+def _check_rank0_outputs(out: Path, started: float) -> None:
     """Rank 0 writes the trained weights and metrics into the run directory on its own node;
-    the driver must see them (one machine, or a run directory every node shares)."""
-    if not (out / MODEL_SUBDIR / "trainable.json").is_file():
+    the driver must see them (one machine, a run directory on object storage, or one every
+    node shares), and see *this* run's: a summary older than the run is another run's,
+    left in a run directory rank 0 could not write to from its node."""
+    summary = out / "summary.json"
+    if not (out / MODEL_SUBDIR / "trainable.json").is_file() or not summary.is_file():
         raise FileNotFoundError(
             f"Ray Train finished but the trained model is not in {out / MODEL_SUBDIR} on "
             "this machine: rank 0 writes it into the run directory on its own node. With "
             "several nodes, run_dir must be on object storage (s3://, gs://) or a filesystem "
             "every node mounts at the same path (NFS, a cluster filesystem)")
+    age = started - summary.stat().st_mtime
+    if age > CLOCK_SLACK_S:
+        raise RuntimeError(
+            f"Ray Train finished but {summary} is {age:.0f} s older than this run: it is an "
+            "earlier run's, and rank 0's outputs of this one are not visible here (with "
+            "several nodes, run_dir must be on object storage or a filesystem every node "
+            "mounts at the same path)")
 
 
 @contextlib.contextmanager
