@@ -37,7 +37,7 @@ SHAPES: dict[str, dict] = {
               "batch": {144: 4}},
     "mid": {"llm_hidden": 1024, "llm_layers": 8, "llm_heads": 16, "llm_kv_heads": 8,
             "llm_intermediate": 4096, "vision_hidden": 256, "tokens": (144, 576),
-            "batch": {144: 4, 576: 1}, "repeats": {576: 3}},
+            "batch": {144: 4, 576: 1}, "repeats": {576: 2}},
     "quick": {"llm_hidden": 128, "llm_layers": 2, "llm_heads": 8, "llm_kv_heads": 8,
               "llm_intermediate": 512, "vision_hidden": 64, "tokens": (16,),
               "batch": {16: 2}},
@@ -196,12 +196,18 @@ def count_flops(model: ELMM, batch: dict[str, torch.Tensor]) -> dict[str, float]
     per_module = counter.get_flop_counts()
     total = float(counter.get_total_flops())
 
-    def of(suffix: str) -> float:
-        hits = [name for name in per_module if name.endswith(suffix)]
+    def of(attribute: str, module: torch.nn.Module | None) -> float:
+        # the tracker names a module by its path under the outermost module called
+        # (``ELMM.backbone.model.language_model``) or, called directly, by its class
+        if module is None:
+            return 0.0
+        hits = [name for name in per_module
+                if name == type(module).__name__ or name.endswith("." + attribute)]
         return float(sum(per_module[min(hits, key=len)].values())) if hits else 0.0
 
-    out = {"total": total, "mvtc": of(".mvtc"), "projector": of(".multi_modal_projector"),
-           "llm": of(".language_model")}
+    out = {"total": total, "mvtc": of("mvtc", model.mvtc),
+           "projector": of("multi_modal_projector", model.projector),
+           "llm": of("language_model", model.language_model)}
     out["rest"] = total - out["mvtc"] - out["projector"] - out["llm"]
     out["prunable"] = float(sum(sum(ops.values()) for name, ops in per_module.items()
                                 if name.endswith(PROJECTIONS)))
