@@ -134,8 +134,8 @@ def print_tokens(result: dict) -> None:
                      f"{t['scoring_median'] * 1000 / batch:.1f}"))
     load = result["load_average"]
     print(format_table(
-        rows, ["prompt", "tokens", "GFLOP/q", "ms/q med", "ms/q min", "cpu ms/q",
-               *(f"{p} ms/q" for p in PHASES), "scoring ms/q"],
+        rows, ["prompt", "tokens", "GFLOP/q", "wall ms/q med", "wall ms/q min", "cpu ms/q med",
+               *(f"{p} cpu ms/q" for p in PHASES), "scoring wall ms/q"],
         title=f"{result['images']} images x {result['tokens_per_image']} tokens, batch {batch}, "
               f"{repeats} interleaved repeats (load average {load['before'][0]:.2f} -> "
               f"{load['after'][0]:.2f})"))
@@ -181,7 +181,8 @@ def save_results(args: argparse.Namespace, shape: dict, command: str, results: l
             "time = ELMM.encode_queries of one batch (precomputed patch features in, query "
             "vectors out); scoring (ELMM.score against all entities, which recomputes the "
             "entity vectors) is timed apart and not in the ratio",
-            "phases: wall seconds from forward hooks on the model's own modules; packing = "
+            "phases: CPU seconds (this thread) from forward hooks on the model's own "
+            "modules, summing to the CPU time of the pass; packing = "
             "build_prompt minus the MVTC/projector/embedding calls inside it",
             "FLOPs: torch.utils.flop_counter over one pass (matmuls, attention counted "
             "over the full L x L scores as the kernel computes them); elementwise ops, "

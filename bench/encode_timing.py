@@ -2,7 +2,7 @@
 
 - :func:`build_models`: an MVTC model and an uncompressed one sharing one random backbone at
   a named shape (``small``: the old LLM 512x4; ``mid``: LLM 1024x8, where the LLM dominates).
-- :class:`PhaseTimer`: per-phase wall time of the model's own functions (forward hooks on
+- :class:`PhaseTimer`: per-phase CPU time of the model's own functions (forward hooks on
   its MVTC, projector, embeddings, LLM and readout; a wrapper on ``build_prompt``), so the
   profile never re-implements model code.
 - :func:`count_flops`: FLOPs of one pass (``torch.utils.flop_counter``, with CPU flash
@@ -100,8 +100,15 @@ def query_pass(model: ELMM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model.encode_queries(batch)
 
 
+def cpu_clock() -> float:
+    """CPU seconds of the computation: this thread's when torch runs single-threaded (time
+    waiting for a core on a loaded machine does not count), else the whole process's."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
+
+
 class PhaseTimer:
-    """Wall seconds per phase of :func:`query_pass`, from hooks on the model's own modules.
+    """CPU seconds (:func:`cpu_clock`) per phase of :func:`query_pass`, from hooks on the
+    model's own modules.
 
     ``packing`` is ``build_prompt`` minus the MVTC/projector/embedding work inside it
     (concatenation, masks, the stable sort and gather that pack padding away); ``other``
@@ -119,21 +126,21 @@ class PhaseTimer:
 
     def _pre(self, name: str) -> Callable:
         def hook(*_args) -> None:
-            self._starts[name].append(time.perf_counter())
+            self._starts[name].append(cpu_clock())
         return hook
 
     def _post(self, name: str) -> Callable:
         def hook(*_args) -> None:
-            self.seconds[name] += time.perf_counter() - self._starts[name].pop()
+            self.seconds[name] += cpu_clock() - self._starts[name].pop()
         return hook
 
     def _wrap(self, name: str, fn: Callable) -> Callable:
         def wrapped(*args, **kwargs):
-            start = time.perf_counter()
+            start = cpu_clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[name] += time.perf_counter() - start
+                self.seconds[name] += cpu_clock() - start
         return wrapped
 
     def __enter__(self) -> PhaseTimer:
@@ -154,7 +161,7 @@ class PhaseTimer:
         del self.model.build_prompt
 
     def phases(self, total: float) -> dict[str, float]:
-        """Seconds per entry of :data:`PHASES` for a pass of ``total`` wall seconds."""
+        """Seconds per entry of :data:`PHASES` for a pass of ``total`` CPU seconds."""
         s = self.seconds
         embedding = s["embedding"] + s["learned"]
         inside_prompt = s["mvtc"] + s["projector"] + embedding + s["visual_input"]
@@ -214,10 +221,6 @@ def count_flops(model: ELMM, batch: dict[str, torch.Tensor]) -> dict[str, float]
     return out
 
 
-def _cpu_clock() -> float:
-    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
-
-
 @contextmanager
 def _maybe(timer: PhaseTimer | None) -> Iterator[None]:
     if timer is None:
@@ -233,7 +236,7 @@ def interleaved(models: dict[str, ELMM], batch: dict[str, torch.Tensor], repeats
     """Time :func:`query_pass` of each model, the models taking turns in every repeat.
 
     Per model: wall and CPU seconds of every repeat, their median and min, (with
-    ``profile``) the per-phase wall seconds of every repeat, and ``scoring``: wall seconds
+    ``profile``) the per-phase CPU seconds of every repeat, and ``scoring``: wall seconds
     of ``ELMM.score`` on the encoded queries (not part of the encoding time)."""
     out = {name: {"wall": [], "cpu": [], "phases": [], "scoring": []} for name in models}
     with torch.no_grad():
@@ -241,16 +244,16 @@ def interleaved(models: dict[str, ELMM], batch: dict[str, torch.Tensor], repeats
             for name, model in models.items():
                 timer = PhaseTimer(model) if profile else None
                 with _maybe(timer):
-                    wall, cpu = time.perf_counter(), _cpu_clock()
+                    wall, cpu = time.perf_counter(), cpu_clock()
                     vectors = query_pass(model, batch)
-                    wall, cpu = time.perf_counter() - wall, _cpu_clock() - cpu
+                    wall, cpu = time.perf_counter() - wall, cpu_clock() - cpu
                 start = time.perf_counter()
                 model.score(vectors)
                 out[name]["scoring"].append(time.perf_counter() - start)
                 out[name]["wall"].append(wall)
                 out[name]["cpu"].append(cpu)
                 if timer is not None:
-                    out[name]["phases"].append(timer.phases(wall))
+                    out[name]["phases"].append(timer.phases(cpu))
                 if log:
                     log(f"  repeat {step + 1}/{repeats} {name}: {wall:.3f}s wall, "
                         f"{cpu:.3f}s cpu, load {os.getloadavg()[0]:.2f}")

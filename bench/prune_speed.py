@@ -133,18 +133,21 @@ def speed_table(speed: dict) -> tuple[list[tuple], list[str], str]:
     """Rows, headers and title of the printed/markdown table of :func:`run_speed`."""
     rows = []
     batch = speed["batch"]
+    total = speed["models"]["unpruned"]["params"]["total"]
     for name, r in speed["models"].items():
         s, f, p = r["speedup"], r["flops"], r["phase_median_s"]
         rows.append((name, f"{r['params']['prunable'] / 1e6:.1f}M",
+                     f"{1 - r['params']['total'] / total:.1%}",
                      f"{f['total'] / batch / 1e9:.1f}", f"{f['prunable'] / f['total']:.0%}",
                      f"{r['cpu_median_s'] * 1000 / batch:.1f}",
                      f"{r['wall_min_s'] * 1000 / batch:.1f}",
                      f"{s['cpu_median']:.2f}x", f"{s['wall_min']:.2f}x",
                      f"{s['paired_wall_median']:.2f}x", f"{s['flops']:.2f}x",
                      *(f"{p[k] * 1000 / batch:.1f}" for k in PHASES)))
-    headers = ["model", "prunable params", "GFLOP/q", "prunable FLOPs", "cpu ms/q",
+    headers = ["model", "prunable params", "removed of all params", "GFLOP/q",
+               "prunable FLOPs", "cpu ms/q",
                "wall min ms/q", "speedup cpu", "speedup wall min", "speedup paired",
-               "FLOP ratio", *(f"{k} ms/q" for k in PHASES)]
+               "FLOP ratio", *(f"{k} cpu ms/q" for k in PHASES)]
     llm = speed["llm"]
     load = speed["load_average"]
     title = (f"Knowledge-guided structured pruning, query-encoding speed at the {speed['shape']} "
