@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speed-batch", type=int, default=32,
                         help="queries per timed batch of the speed table (32: training's)")
     parser.add_argument("--speed-repeats", type=int, default=5)
+    parser.add_argument("--speed-all-ratios", default="0.3",
+                        help="also time removing these shares of ALL model parameters (the "
+                        "002 paper's measure; '' = none)")
     parser.add_argument("--speed-only", action="store_true",
                         help="only the speed table; the rest of NAME.json is kept")
     parser.add_argument("--render-only", action="store_true",
@@ -311,7 +314,9 @@ def speed_section(cfg, kg, args: argparse.Namespace) -> dict | None:
     texts = entity_texts(kg)
     tokenizer = build_tokenizer(cfg, texts + list(kg.relation_texts))
     ratios = [float(r) for r in args.ratios.split(",") if r]
-    speed = run_speed(kg, tokenizer, texts, ratios, shape_name=args.speed_shape,
+    all_ratios = tuple(float(r) for r in args.speed_all_ratios.split(",") if r)
+    speed = run_speed(kg, tokenizer, texts, ratios, all_ratios=all_ratios,
+                      shape_name=args.speed_shape,
                       tokens=args.speed_tokens, batch_size=args.speed_batch,
                       repeats=args.speed_repeats, min_neurons=cfg.prune.min_neurons_per_layer,
                       log=lambda line: print(line, flush=True))
