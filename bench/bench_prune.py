@@ -84,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train (and fine-tune) LoRA adapters instead of the whole LLM")
     parser.add_argument("--finetune-steps", type=int, default=20)
     parser.add_argument("--finetune-lr", type=float, default=3e-4,
-                        help="peak learning rate of the post-pruning fine-tuning (the "
-                        "stage uses train.learning_rate)")
+                        help="peak learning rate of the post-pruning fine-tuning "
+                        "(prune.finetune_lr)")
     parser.add_argument("--prune-steps", type=int, default=1, help="iterative rounds")
     parser.add_argument("--calib-samples", type=int, default=64,
                         help="calibration queries of the structured pruners")
@@ -139,7 +139,8 @@ def bench_config(args: argparse.Namespace):
         f"train.max_steps={args.train_steps}", "train.epochs=100", "train.batch_size=32",
         "train.eval_every=null", "train.val_max_queries=200", "train.warmup_steps=20",
         "eval.split=test", f"prune.finetune_steps={args.finetune_steps}",
-        f"prune.steps={args.prune_steps}", f"prune.calib_samples={args.calib_samples}",
+        f"prune.steps={args.prune_steps}", f"prune.finetune_lr={args.finetune_lr}",
+        f"prune.calib_samples={args.calib_samples}",
         "prune.knowledge_weight=0.5", "prune.min_neurons_per_layer=8",
         f"lora.enabled={str(args.lora).lower()}",
     ]
