@@ -5,10 +5,15 @@ local trainer; then, from that same trained model, each of {knowledge, magnitude
 x ratios {0.2, 0.3, 0.5} (several seeds: calibration sample, random units and fine-tuning
 order) and attention-layer pruning with compensation (1 and 2 of the layers) is applied
 and fine-tuned with the same budget. Every pruned model is timed in turns with the
-unpruned one. Writes bench/results/prune.{json,md,png}.
+unpruned one. Accuracy (and the latency columns of the main table) come from that trained
+small model (hidden 256 by default); a second table (bench/prune_speed.py) times
+knowledge-guided pruning at each ratio at the compression benchmark's mid shape (LLM
+1024x8, random weights, the pruned model's real shapes), where the LLM dominates query
+encoding. Writes bench/results/prune.{json,md,png}.
 
-    .venv/bin/python bench/bench_prune.py            # full (~15 min on 2 CPU cores)
-    .venv/bin/python bench/bench_prune.py --quick    # smoke run (~2 min)
+    .venv/bin/python bench/bench_prune.py               # full (~15 min on 2 CPU cores)
+    .venv/bin/python bench/bench_prune.py --quick       # smoke run (~2 min)
+    .venv/bin/python bench/bench_prune.py --speed-only  # the mid-shape speed table alone
 """
 
 from __future__ import annotations
@@ -17,21 +22,25 @@ import argparse
 import copy
 import dataclasses
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
 from bench.common import RESULTS, save  # noqa: E402
+from bench.prune_speed import run_speed, speed_markdown, speed_table  # noqa: E402
 from elmm_ray.config import load_config  # noqa: E402
 from elmm_ray.data.dataset import load_dataset  # noqa: E402
 from elmm_ray.layout import absolute_paths, read_json, write_json_atomic  # noqa: E402
+from elmm_ray.models.build import build_tokenizer  # noqa: E402
 from elmm_ray.models.lora import CheckpointMismatchError, merge_lora  # noqa: E402
 from elmm_ray.pruning.base import sample_queries  # noqa: E402
 from elmm_ray.pruning.report import (  # noqa: E402
@@ -50,7 +59,8 @@ from elmm_ray.stages.prune import (  # noqa: E402
     prune_schedule,
 )
 from elmm_ray.stages.train import evaluate  # noqa: E402
-from elmm_ray.train.context import ModelContext, load_trained_context  # noqa: E402
+from elmm_ray.tables import format_table  # noqa: E402
+from elmm_ray.train.context import ModelContext, entity_texts, load_trained_context  # noqa: E402
 from elmm_ray.train.loop import train_local  # noqa: E402
 
 
@@ -74,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train (and fine-tune) LoRA adapters instead of the whole LLM")
     parser.add_argument("--finetune-steps", type=int, default=20)
     parser.add_argument("--finetune-lr", type=float, default=3e-4,
-                        help="peak learning rate of the post-pruning fine-tuning (the "
-                        "stage uses train.learning_rate)")
+                        help="peak learning rate of the post-pruning fine-tuning "
+                        "(prune.finetune_lr)")
     parser.add_argument("--prune-steps", type=int, default=1, help="iterative rounds")
     parser.add_argument("--calib-samples", type=int, default=64,
                         help="calibration queries of the structured pruners")
@@ -90,6 +100,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "shared machine")
     parser.add_argument("--latency-batch", type=int, default=64, help="queries per timed batch")
     parser.add_argument("--name", default="prune", help="results name under bench/results")
+    parser.add_argument("--speed-shape", choices=("mid", "small", "quick", "none"), default="mid",
+                        help="shape of the speed table of knowledge-guided pruning (random "
+                        "weights; bench/encode_timing.py SHAPES), none = skip it")
+    parser.add_argument("--speed-tokens", type=int, default=144,
+                        help="patch tokens per image (10 images) of the speed table")
+    parser.add_argument("--speed-batch", type=int, default=32,
+                        help="queries per timed batch of the speed table (32: training's)")
+    parser.add_argument("--speed-repeats", type=int, default=5)
+    parser.add_argument("--speed-all-ratios", default="0.3",
+                        help="also time removing these shares of ALL model parameters (the "
+                        "002 paper's measure; '' = none)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the speed table; the rest of NAME.json is kept")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the md/png/json of bench/results/NAME.json from its runs")
     args = parser.parse_args(argv)
@@ -101,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.calib_samples, args.repeats, args.run_dir = 16, 5, args.run_dir + "_quick"
         args.attention_calib_samples = 32
         args.name = args.name + "_quick"
+        args.speed_shape, args.speed_tokens, args.speed_batch = "quick", 16, 4
+        args.speed_repeats = 3
     return args
 
 
@@ -114,7 +139,8 @@ def bench_config(args: argparse.Namespace):
         f"train.max_steps={args.train_steps}", "train.epochs=100", "train.batch_size=32",
         "train.eval_every=null", "train.val_max_queries=200", "train.warmup_steps=20",
         "eval.split=test", f"prune.finetune_steps={args.finetune_steps}",
-        f"prune.steps={args.prune_steps}", f"prune.calib_samples={args.calib_samples}",
+        f"prune.steps={args.prune_steps}", f"prune.finetune_lr={args.finetune_lr}",
+        f"prune.calib_samples={args.calib_samples}",
         "prune.knowledge_weight=0.5", "prune.min_neurons_per_layer=8",
         f"lora.enabled={str(args.lora).lower()}",
     ]
@@ -155,6 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = absolute_paths(bench_config(args))
     run_stage("pack", cfg, show_progress=False)
     kg = load_dataset(cfg)
+    command = "python bench/bench_prune.py " + shlex.join(argv if argv is not None
+                                                          else sys.argv[1:])
+    if args.speed_only:
+        saved = RESULTS / f"{args.name}.json"
+        if not saved.is_file():
+            raise SystemExit(f"--speed-only adds the speed table to {saved}, which does not "
+                             "exist: run the benchmark without --speed-only first")
+        payload = read_json(saved)
+        payload["speed"] = speed_section(cfg, kg, args) | {"command": command}
+        write_outputs(payload, args.name)
+        return 0
     trained = ensure_trained(cfg, kg, args)
     print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f}s, "
           f"test {trained['metrics']}", flush=True)
@@ -229,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
 
     base_measure = measure({"unpruned": base}, batches, repeats=args.repeats,
                            base="unpruned")["unpruned"]
+    speed = speed_section(cfg, kg, args)
     base_row = {"method": "none", "ratio": 0.0, "seed": 0, **base_measure,
                 "pre_ft": base_metrics, "post_ft": base_metrics, "retained_hits1": 1.0,
                 "removed_share": 0.0}
     payload = {
+        "command": command,
         "settings": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                      "kv_heads": args.kv_heads, "intermediate": args.intermediate,
                      "entities": args.entities, "train_steps": trained["steps"],
@@ -241,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                      "calib_samples": args.calib_samples, "seeds": args.seeds,
                      "threads": torch.get_num_threads()},
         "base": base_row, "runs": runs, "attention": attention, "trained": trained,
+        "speed": speed | {"command": command} if speed else None,
         "notes": [
             f"latency: {args.repeats} timed passes encoding one batch of {args.latency_batch} "
             f"test queries (LoRA merged, {torch.get_num_threads()} thread(s)), each pruned "
@@ -268,12 +308,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def speed_section(cfg, kg, args: argparse.Namespace) -> dict | None:
+    """The mid-shape speed table (bench/prune_speed.py), printed; None when skipped."""
+    if args.speed_shape == "none":
+        return None
+    texts = entity_texts(kg)
+    tokenizer = build_tokenizer(cfg, texts + list(kg.relation_texts))
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    all_ratios = tuple(float(r) for r in args.speed_all_ratios.split(",") if r)
+    speed = run_speed(kg, tokenizer, texts, ratios, all_ratios=all_ratios,
+                      shape_name=args.speed_shape,
+                      tokens=args.speed_tokens, batch_size=args.speed_batch,
+                      repeats=args.speed_repeats, min_neurons=cfg.prune.min_neurons_per_layer,
+                      log=lambda line: print(line, flush=True))
+    rows, headers, title = speed_table(speed)
+    print(format_table(rows, headers, title=title), flush=True)
+    return speed
+
+
 def write_outputs(payload: dict, name: str) -> None:
     """Table rows from the runs, then bench/results/<name>.{json,md,png}."""
     base = payload.get("base") or next(r for r in payload["rows"] if r["method"] == "none")
     payload["rows"] = summarise([base, *payload["runs"]])
     title = "Pruning on the synthetic KG (CPU)"
     paths = write_report(RESULTS, payload, name=name, title=title)
+    if payload.get("speed"):
+        with paths["md"].open("a") as md:
+            md.write("\n" + speed_markdown(payload["speed"]))
     save(name, payload)
     print(render_markdown(payload, title))
     print(f"wrote {paths['md']} and {paths['png']} ({payload['seconds']:.0f}s benchmark)")
