@@ -332,9 +332,11 @@ def _run_ray_pack(todo: list[dict], num_cpus: float, show_progress: bool) -> lis
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = show_progress and console.verbose()
-    # One shard per block, so shards are packed in parallel.
+    # A few blocks of several shards per CPU: shards pack in parallel, and a task packs many
+    # (a Ray task per shard costs more than packing a small one).
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1) / max(num_cpus, 1e-3)))
     items = [{"shard": json.dumps(s)} for s in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 2 * cpus))
     ds = ds.map(lambda row: {"result": json.dumps(pack_shard(json.loads(row["shard"])))},
                 num_cpus=num_cpus)
     progress = console.StageProgress("pack", len(todo), "shards", enabled=show_progress)
