@@ -223,6 +223,22 @@ class RemoteMirror:
             log.info("pushed %d file(s) to %s (%d deleted)", len(changed), self.uri, len(gone))
         return {"uploaded": len(changed), "deleted": len(gone)}
 
+    def fetch(self, rel: str) -> Path:
+        """One remote file into the mirror unless it is there (a worker's input)."""
+        if not (self.local / rel).is_file():
+            self._download(rel)
+        return self.local / rel
+
+    def upload(self, rel: str) -> None:
+        """One file of the mirror to the remote now (a worker's output), recorded as
+        exchanged (a concurrent writer of the record may drop the entry: the file is then
+        fetched once more, never missed)."""
+        self._upload(rel)
+        st, info = (self.local / rel).stat(), self.fs.get_file_info(self.remote_path(rel))
+        state = self._state()
+        state[rel] = [st.st_size, st.st_mtime_ns, int(info.mtime_ns or 0)]
+        self._save_state(state)
+
     def _download(self, rel: str) -> None:
         dest = self.local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -3,16 +3,16 @@
 
     python tests/multinode_run.py REQUEST.json
 
-REQUEST holds `config` (config file), `overrides` (key=value), `shard_dir` (where the image
-shards are packed with Ray Data on the cluster), `ray_tmpdir` (the cluster's own temp dir:
-its address file must not steer other processes' `ray.init()`), `node_caches` (one
+REQUEST holds `config` (config file), `overrides` (key=value), `ray_tmpdir` (the cluster's
+own temp dir: its address file must not steer other processes' `ray.init()`), `node_caches` (one
 ELMM_RUN_CACHE per worker node: with a run directory on object storage each node works in a
 mirror of its own, as separate machines would) and `out` (the result JSON).
 The cluster: a head node with no CPUs for work (the driver and Ray Train's controller run
 there) and two worker nodes of 1 CPU each, all on 127.0.0.1. The driver pushes its mirror
-(tokenizer, backbone) first, as `run_stages` does before a stage. Each Ray Train worker
-records the node it runs on; the result holds the nodes, the pack counts and the training
-summary.
+(tokenizer, backbone) first, as `run_stages` does before a stage; the images are packed
+(Ray Data tasks on the worker nodes), the model trained, then the features extracted (Ray
+Data on the worker nodes). Each Ray Train worker records the node it runs on; the result
+holds the nodes, the pack and extract counts and the training summary.
 """
 
 from __future__ import annotations
@@ -53,10 +53,12 @@ def main(request_file: str) -> None:
 
     from elmm_ray.config import load_config
     from elmm_ray.data.dataset import load_dataset
+    from elmm_ray.data.extraction import extract_features
     from elmm_ray.data.shards import pack_images
     from elmm_ray.layout import RunLayout, absolute_paths
     from elmm_ray.ray_session import init_ray
     from elmm_ray.train import trainer
+    from elmm_ray.train.context import backbone_source
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "node_ip_address": LOOPBACK, "include_dashboard": False})
@@ -67,14 +69,24 @@ def main(request_file: str) -> None:
         cfg = load_config(request["config"], [*request["overrides"],
                                                f"ray.address={cluster.address}"])
         kg = load_dataset(cfg)
-        RunLayout.of(absolute_paths(cfg)).push()
+        layout = RunLayout.of(absolute_paths(cfg))
+        layout.push()
         init_ray(cfg.ray)
-        # A Ray Data stage on the cluster: pack the images with tasks on the worker nodes.
-        packed = pack_images(kg, request["shard_dir"], show_progress=False, use_ray=True)
+        # A Ray Data stage on the cluster: pack the images with tasks on the worker nodes,
+        # into the run directory on object storage (the tasks upload their shards).
+        packed = pack_images(kg, layout.shard_dir, show_progress=False, use_ray=True,
+                             mirror=layout.remote)
+        layout.push()
         record_dir = Path(request["out"]).parent / "worker_nodes"
         record_dir.mkdir(parents=True, exist_ok=True)
         trainer.train_loop_per_worker = record_node(str(record_dir))
         summary = trainer.train_ray(cfg, kg, show_progress=False)
+        # Ray Data extraction on the worker nodes: shards read from the bucket, the backbone
+        # pulled into each actor's node mirror, the feature store written to the bucket.
+        extracted = extract_features(
+            layout.shard_dir, layout.feature_store, backbone=backbone_source(cfg, kg, layout),
+            max_images=cfg.images.max_images_per_entity, actors=1, actor_cpus=0.5,
+            decode_cpus=0.25, show_progress=False, mirror=layout.remote)
         result = {
             "head_node": cluster.head_node.node_id,
             "worker_nodes": [node.node_id for node in workers],
@@ -85,6 +97,7 @@ def main(request_file: str) -> None:
             "packed": {"shards": len(packed.manifest["shards"]),
                        "images": packed.manifest["images_packed"], "skipped": packed.skipped},
             "summary": summary,
+            "extracted": {"store": extracted.store_dir, "counts": extracted.manifest["counts"]},
         }
         Path(request["out"]).write_text(json.dumps(result, indent=2, default=str))
     finally:

@@ -341,12 +341,12 @@ def test_two_nodes_with_the_run_directory_on_s3_match_one_node(
     for part in ("tokenizer", "backbone"):
         shutil.copytree(base / part, driver_mirror / part)
     request = {
-        "config": "configs/demo.yaml", "shard_dir": str(work / "shards"),
+        "config": "configs/demo.yaml",
         "ray_tmpdir": str(tmp_path_factory.mktemp("cluster")), "out": str(work / "out.json"),
         "node_caches": [str(caches["node1"]), str(caches["node2"])],
         "overrides": [f"run_dir={run_uri}", f"storage_endpoint={s3_server.endpoint}", *TINY,
                       f"dataset.path={base / 'data'}", "dataset.name=synth",
-                      f"images.shard_dir={work / 'shards'}", "deepspeed.zero_stage=2"]}
+                      "deepspeed.zero_stage=2"]}
     (work / "request.json").write_text(json.dumps(request))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("RAY_ADDRESS", None)
@@ -371,6 +371,12 @@ def test_two_nodes_with_the_run_directory_on_s3_match_one_node(
         node_mirror = caches[node] / "s3" / s3_server.bucket / "multinode"
         assert (node_mirror / "tokenizer").is_dir(), node
     assert (driver_mirror / "train" / "model" / "trainable.json").is_file()
+    assert any(k.startswith("multinode/shards/shard-") for k in s3_server.keys("multinode/"))
+    extracted = result["extracted"]
+    assert extracted["store"].startswith(f"{run_uri}/features")
+    assert extracted["counts"]["failed"] == 0
+    assert extracted["counts"]["done"] == result["packed"]["images"] > 0
+    assert any(k.startswith("multinode/features/parts/") for k in s3_server.keys("multinode/"))
     monkeypatch.setenv("ELMM_RUN_CACHE", str(caches["reader"]))
     assert [(h["step"], h["val_mrr"], h["loss"]) for h in summary["history"]] == [
         (h["step"], h["val_mrr"], h["loss"]) for h in reference["history"]]

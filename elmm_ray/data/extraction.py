@@ -156,13 +156,15 @@ class _TowerActor:
     """Holds the frozen vision tower (the rest of the backbone is dropped after loading)."""
 
     def __init__(self, source: str, dtype: str, layer: int, pool: int, tokens: int,
-                 width: int, use_gpu: bool, threads: int) -> None:
+                 width: int, use_gpu: bool, threads: int, mirror: Any = None) -> None:
         import torch
         from transformers.utils import logging as hf_logging
 
         from elmm_ray.models.backbone import load_backbone, vision_tower_of
 
         hf_logging.disable_progress_bar()
+        if mirror is not None:  # the backbone in a remote run directory: into this node's mirror
+            mirror.pull(Path(source).relative_to(mirror.local).as_posix())
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -253,6 +255,7 @@ def extract_features(
     object_store_bytes: int = 0,
     show_progress: bool = True,
     on_part: Callable[[dict], None] | None = None,
+    mirror: Any = None,
 ) -> ExtractResult:
     """Run the frozen vision tower of ``backbone`` over the packed images of ``shard_dir``
     into the feature store ``store_dir`` (Ray must be initialised).
@@ -260,7 +263,9 @@ def extract_features(
     ``part_rows`` (else ``part_bytes`` of features) bounds the images per committed part;
     ``object_store_bytes`` (0: a few batches per actor) bounds the pipeline's object-store
     use; ``actor_threads`` > 0 sets torch's threads per actor; ``on_part`` is called on the
-    driver with each committed part's summary.
+    driver with each committed part's summary. ``mirror``: the run directory's
+    :class:`~elmm_ray.remote.RemoteMirror` when it is on object storage: shards and backbone
+    inside it are read from there on every node (the pushed copies).
     """
     from elmm_ray.data.shards import read_manifest, verify_shards
 
@@ -299,9 +304,15 @@ def extract_features(
              int(images["selected"].sum()), len(done_keys), int(todo.sum()))
     this_run = {"parts": 0, "done": 0, "failed": 0}
     if todo.any():
-        files = sorted(set(images["file"][todo]))
+        files, filesystem = sorted(set(images["file"][todo])), None
+        if mirror is not None and shard_dir.is_relative_to(mirror.local):
+            rel = shard_dir.relative_to(mirror.local).as_posix()
+            files = [mirror.remote_path(f"{rel}/{Path(f).name}") for f in files]
+            filesystem = mirror.fs
+        in_mirror = mirror is not None and Path(backbone).is_relative_to(mirror.local)
         ds = _extraction_dataset(
             files, np.sort(images["key"][todo]), store=loc.uri, backbone=backbone,
+            filesystem=filesystem, mirror=mirror if in_mirror else None,
             dtype=dtype, layer=layer, pool=pool, geometry=geometry, actors=actors,
             actor_cpus=actor_cpus, actor_gpus=actor_gpus, actor_threads=actor_threads,
             batch_size=batch_size, decode_cpus=decode_cpus, writer_cpus=writer_cpus,
@@ -327,7 +338,8 @@ def extract_features(
 
 
 def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backbone: str,
-                        dtype: str, layer: int, pool: int, geometry: dict, actors: int,
+                        filesystem: Any, mirror: Any, dtype: str, layer: int, pool: int,
+                        geometry: dict, actors: int,
                         actor_cpus: float, actor_gpus: float, actor_threads: int,
                         batch_size: int, decode_cpus: float, writer_cpus: float,
                         rows_per_part: int, object_store_bytes: int, show_progress: bool):
@@ -346,7 +358,7 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
     decode_tasks = max(1, int(spare / decode_cpus)) if cpus else None
     pixel_bytes = batch_size * 3 * geometry["image_size"] ** 2 * 4
     ds = ray.data.read_parquet(files, columns=["entity", "entity_id", "image_index", "image"],
-                               num_cpus=decode_cpus)
+                               num_cpus=decode_cpus, filesystem=filesystem)
     ctx = ds.context  # this dataset's own copy of the DataContext
     ctx.enable_progress_bars = show_progress and console.verbose()
     # Decoding runs ahead of the actors until Ray Data's object-store budget is full; a
@@ -375,7 +387,7 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
         fn_constructor_kwargs={
             "source": backbone, "dtype": dtype, "layer": layer, "pool": pool,
             "tokens": geometry["tokens"], "width": geometry["width"],
-            "use_gpu": actor_gpus > 0, "threads": actor_threads},
+            "use_gpu": actor_gpus > 0, "threads": actor_threads, "mirror": mirror},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
         num_cpus=actor_cpus, num_gpus=actor_gpus)
     return ds.map_batches(_write_part, batch_size=rows_per_part, batch_format="numpy",

@@ -14,6 +14,7 @@ against the manifest's size and sha256 first (:func:`verify_shards`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -193,12 +195,25 @@ def _shard_done(out_dir: Path, shard: dict) -> dict | None:
     return rec
 
 
-def pack_shard(shard: dict) -> dict:
-    """Read, validate and write one shard (runs as a Ray Data task)."""
+def _in_mirror(mirror: Any, path: str | Path) -> str | None:
+    """``path`` relative to ``mirror``'s local root, when it lies inside it."""
+    if mirror is None or not Path(path).is_relative_to(mirror.local):
+        return None
+    return Path(path).relative_to(mirror.local).as_posix()
+
+
+def pack_shard(shard: dict, mirror: Any = None) -> dict:
+    """Read, validate and write one shard (runs as a Ray Data task). ``mirror``: the run
+    directory on object storage: image files inside it come from there when this node lacks
+    them, and the shard goes there as soon as it is written."""
     out_dir = Path(shard["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
     bad = []
     for rec in shard["records"]:
+        if (rel := _in_mirror(mirror, rec["path"])) is not None:
+            with contextlib.suppress(OSError):  # missing remotely too: reported below
+                mirror.fetch(rel)
         try:
             data = Path(rec["path"]).read_bytes()
         except OSError as err:
@@ -228,6 +243,9 @@ def pack_shard(shard: dict) -> dict:
         "fingerprint": shard["fingerprint"], "bad": bad,
     }
     write_json_atomic(out_dir / f"{shard['name']}.json", record)
+    if (rel := _in_mirror(mirror, out_dir)) is not None:
+        for name in (final.name, f"{shard['name']}.json"):
+            mirror.upload(f"{rel}/{name}")
     return record
 
 
@@ -255,9 +273,12 @@ def pack_images(
     num_cpus_per_task: float = 0.5,
     show_progress: bool = True,
     use_ray: bool = True,
+    mirror: Any = None,
 ) -> PackResult:
     """Pack every image of ``kg`` into Parquet shards under ``out_dir`` with Ray Data
-    (``use_ray=False``: the same shards, packed one after another in this process)."""
+    (``use_ray=False``: the same shards, packed one after another in this process).
+    ``mirror``: the run directory's :class:`~elmm_ray.remote.RemoteMirror` when it is on
+    object storage (tasks on other nodes read and write through it; shards come back here)."""
     start = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,8 +307,10 @@ def pack_images(
             stale.unlink()
 
     if todo:
-        results = (_run_ray_pack(todo, num_cpus_per_task, show_progress) if use_ray
+        results = (_run_ray_pack(todo, num_cpus_per_task, show_progress, mirror) if use_ray
                    else [pack_shard(s) for s in todo])
+        if (rel := _in_mirror(mirror, out_dir)) is not None:
+            mirror.pull(rel)  # the shards the tasks wrote on their nodes
         done.update({r["name"]: r for r in results})
 
     shard_records = [done[s["name"]] for s in shards]
@@ -327,7 +350,8 @@ def pack_images(
     return PackResult(out_dir, manifest, skipped=False)
 
 
-def _run_ray_pack(todo: list[dict], num_cpus: float, show_progress: bool) -> list[dict]:
+def _run_ray_pack(todo: list[dict], num_cpus: float, show_progress: bool,
+                  mirror: Any = None) -> list[dict]:
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -337,7 +361,7 @@ def _run_ray_pack(todo: list[dict], num_cpus: float, show_progress: bool) -> lis
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) / max(num_cpus, 1e-3)))
     items = [{"shard": json.dumps(s)} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), 2 * cpus))
-    ds = ds.map(lambda row: {"result": json.dumps(pack_shard(json.loads(row["shard"])))},
+    ds = ds.map(lambda row: {"result": json.dumps(pack_shard(json.loads(row["shard"]), mirror))},
                 num_cpus=num_cpus)
     progress = console.StageProgress("pack", len(todo), "shards", enabled=show_progress)
     results = []

@@ -24,7 +24,7 @@ def run_pack(ctx: StageContext) -> dict:
     result = pack_images(ctx.kg, ctx.layout.shard_dir, max_shard_bytes=cfg.images.max_shard_bytes,
                          min_side=cfg.images.min_side,
                          num_cpus_per_task=cfg.images.num_cpus_per_task,
-                         show_progress=ctx.show_progress)
+                         show_progress=ctx.show_progress, mirror=ctx.layout.remote)
     m = result.manifest
     return {"shard_dir": str(result.out_dir), "pack_fingerprint": m["fingerprint"],
             "images_packed": m["images_packed"], "images_bad": m["images_bad"],

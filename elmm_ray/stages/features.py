@@ -35,6 +35,7 @@ def run_extract(ctx: StageContext) -> dict:
     if cfg.dataset.visual_embeddings.path:
         return _store_from_embeddings(ctx)
     source = backbone_source(cfg, ctx.kg, layout)
+    layout.push()  # a remote run directory: the backbone, for actors on other nodes
     init_ray(cfg.ray)
     result = extract_features(
         layout.shard_dir, layout.feature_store, backbone=source,
@@ -42,7 +43,7 @@ def run_extract(ctx: StageContext) -> dict:
         pool=cfg.model.feature_pool, dtype=cfg.model.dtype, actors=cfg.ray.data_actors,
         actor_cpus=cfg.ray.data_actor_cpus, actor_gpus=cfg.ray.data_actor_gpus,
         batch_size=cfg.ray.data_batch_size, decode_cpus=cfg.images.num_cpus_per_task,
-        show_progress=ctx.show_progress)
+        show_progress=ctx.show_progress, mirror=layout.remote)
     m = result.manifest
     return {"store": result.store_dir, "store_fingerprint": m["fingerprint"],
             "backbone": m["backbone"], "counts": m["counts"], "parts": m["parts"],
@@ -103,6 +104,7 @@ class _EntityEncoder:
         if threads > 0:
             torch.set_num_threads(threads)
         cfg = config_from_dict(config)
+        RunLayout.of(cfg).pull()  # a remote run directory: tokenizer, backbone on this node
         features = FeatureStore.open(store, expect=expect) if store else None
         ctx = build_context(cfg, kg, features=features)
         self.features = ctx.features
@@ -165,6 +167,7 @@ def run_entity_init(ctx: StageContext) -> dict:
     if "extract" in image_stage(cfg):
         store, expect = layout.feature_store, expected_metadata(cfg, source)
         FeatureStore.open(store, expect=expect)  # refuse a mismatching store before Ray
+    layout.push()  # a remote run directory: tokenizer and backbone, for the actors
     init_ray(cfg.ray)
     table = encode_entities_ray(cfg, kg, store=store, expect=expect,
                                 show_progress=ctx.show_progress)

@@ -150,6 +150,7 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
         # a local store is checked here; checkpoints on object storage are checked by each
         # worker on the local copy it resumes from
         verify_resume(Path(storage) / spec.run_name)
+    RunLayout.of(cfg).push()  # a remote run directory: what the workers read, for every node
     started = time.time()
     with driver_progress(stage, show_progress and not tune_trial) as queue:
         result = build_trainer(cfg, kg, spec, tune_trial, queue).fit()
