@@ -67,8 +67,10 @@ def worker_label(title: str) -> str:
     """The task or actor of a Ray worker's title, without Ray's prefix, the method an actor
     is running or an operator's arguments: ``ray::RayTrainWorker.run_train_fn`` ->
     ``RayTrainWorker``, ``ray::MapWorker(MapBatches(_TowerActor)).submit`` ->
-    ``MapWorker(MapBatches(_TowerActor))``."""
+    ``MapWorker(MapBatches(_TowerActor))``, ``ray::Name:Class`` -> ``Class``."""
     label = title.split()[0].removeprefix("ray::")
+    if ":" in label.split("(")[0]:  # a named actor: ``Name:Class``
+        label = label.split(":", 1)[1]
     if ")." in label:
         return label[:label.index(").") + 1]
     head = label.split("[")[0]
