@@ -11,9 +11,11 @@ so each stage skips the ones before it) in a fresh driver process per backend:
 For each stage a thread of the driver samples every ``--interval`` s (psutil): the driver's
 RSS, and the RSS and title of every process under it. Ray titles its worker processes
 ``ray::<TaskOrActor>`` (``ray::IDLE`` when idle); a worker counts as busy for a stage when a
-sample saw it with another title. Ray's own processes (raylet, gcs_server, dashboard,
-log_monitor, agents) are not workers. Besides, the driver counts the ELMMs and Llava
-backbones constructed in it (a wrapper around their ``__init__``).
+sample saw it with a title other than its title at the stage's start. Ray's own processes
+(raylet, gcs_server, dashboard, log_monitor, agents) and the bookkeeping actors of Ray Data /
+Ray Train (``RAY_HELPERS``) are not workers of a stage (their peaks are in the JSON).
+Besides, the driver counts the ELMMs and Llava backbones constructed in it (a wrapper around
+their ``__init__``).
 
 Sampling misses what lives or peaks between two samples (a pack task of the tiny data lasts
 milliseconds); the driver's lifetime peak (``ru_maxrss``) is recorded too.
