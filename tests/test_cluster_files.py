@@ -29,7 +29,7 @@ LAUNCHERS = ("aws-a100.yaml", "gcp-a100.yaml")
 KUBERAY = CLUSTER / "kuberay"
 SHARED = "/mnt/shared"  # the mount point every cluster file provides
 PAPER_CONFIG = REPO / "configs" / "fb15k237_llava7b.yaml"
-DRIVER_MIN_MEMORY_GI = 64  # LLaVA-7B in bf16 (~14 GB) + features and ranking in the driver
+DRIVER_MIN_MEMORY_GI = 16  # the driver only orchestrates: the KG, gathered ranks, manifests
 IMAGE_WORKDIR = "/home/ray/elmm-ray"  # where cluster/Dockerfile puts jobs/ and configs/
 
 
