@@ -344,3 +344,28 @@ def test_store_reads_hand_written_parts(tmp_path):
     assert not feats[1].any() and not feats[3].any()
     with pytest.raises(ValueError, match="tokens: store has 3"):
         FeatureStore.open(tmp_path, expect={"tokens": 4}, allow_incomplete=True)
+
+
+def test_the_extraction_actor_loads_the_vision_tower_alone(tmp_path):
+    """A sharded checkpoint: only the shards holding `vision_tower.` tensors are opened, the
+    tower is the one inside the loaded LLaVA (same features, bit for bit)."""
+    from elmm_ray.models.backbone import (
+        build_tiny_llava,
+        encode_images,
+        load_backbone,
+        load_vision_tower,
+        vision_tower_of,
+    )
+
+    model = build_tiny_llava(
+        vision_hidden=64, vision_layers=2, vision_heads=4, image_size=64, patch_size=16,
+        llm_hidden=64, llm_layers=2, llm_heads=4, llm_kv_heads=2, llm_intermediate=128,
+        vocab_size=300, image_token_id=5, pad_token_id=0, seed=0)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    files = F.vision_safetensors_files(str(tmp_path))
+    assert files and len(files) < len(set(weight_map.values()))  # the LLM's shards stay shut
+    tower = load_vision_tower(str(tmp_path), files)
+    reference = vision_tower_of(load_backbone(tmp_path))
+    pixels = torch.randn(3, 3, 64, 64)
+    assert torch.equal(encode_images(tower, pixels), encode_images(reference, pixels))

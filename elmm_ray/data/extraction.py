@@ -160,7 +160,8 @@ class _TowerActor:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from elmm_ray.models.backbone import load_backbone, vision_tower_of
+        from elmm_ray.data.feature_store import vision_safetensors_files
+        from elmm_ray.models.backbone import load_backbone, load_vision_tower, vision_tower_of
 
         hf_logging.disable_progress_bar()
         if mirror is not None:  # the backbone in a remote run directory: into this node's mirror
@@ -168,7 +169,10 @@ class _TowerActor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.tower = vision_tower_of(load_backbone(source, dtype)).to(self.device).eval()
+        files = vision_safetensors_files(source)  # the tower alone, not the whole LLaVA
+        tower = (load_vision_tower(source, files, dtype) if files
+                 else vision_tower_of(load_backbone(source, dtype)))
+        self.tower = tower.to(self.device).eval()
         self.layer, self.pool, self.tokens, self.width = layer, pool, tokens, width
 
     def __call__(self, batch: dict) -> pa.Table:

@@ -248,12 +248,10 @@ def read_fragments(loc: StoreLocation, checksums: dict | None = None
 
 
 def vision_weights_fingerprint(source: str, dtype: str = "float32") -> str:
-    """sha256 over the vision tower's tensors (names, dtypes, shapes, bytes).
-
-    Read straight from the checkpoint's safetensors files when there are any (no model is
-    built); otherwise the backbone is loaded and its vision tower's state_dict is hashed.
-    """
-    files = _vision_safetensors_files(source)
+    """sha256 over the vision tower's tensors (names, dtypes, shapes, bytes): read straight
+    from the checkpoint's safetensors files when there are any (no model is built), else
+    from the loaded backbone's vision tower."""
+    files = vision_safetensors_files(source)
     if files:
         from safetensors import safe_open
 
@@ -284,7 +282,8 @@ def _combine(digests: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:32]
 
 
-def _vision_safetensors_files(source: str) -> list[str]:
+def vision_safetensors_files(source: str) -> list[str]:
+    """The safetensors files of ``source`` holding its vision tower (none: not safetensors)."""
     path = Path(source).expanduser()
     if path.is_dir():
         index = path / "model.safetensors.index.json"
