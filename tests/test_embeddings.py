@@ -192,3 +192,11 @@ def test_tiny_training_run_reads_the_embeddings_store(tmp_path, kg):
     # A second run with the same config does no work.
     again = run_stages(["eval", "export"], cfg, show_progress=False)
     assert all(r.skipped for r in again.values())
+    # The embedding file replaced at the same path (no config value changes): the store is
+    # rebuilt from the new bytes.
+    _save(emb, _vectors(kg.num_entities, WIDTH, seed=1))
+    rebuilt = run_stages(["extract"], cfg, show_progress=False)["extract"]
+    assert not rebuilt.skipped
+    store = FeatureStore.open(RunLayout.of(cfg).feature_store)
+    new = torch.from_numpy(_vectors(kg.num_entities, WIDTH, seed=1)[:3]).half().float()
+    assert torch.allclose(store.features_for([0, 1, 2])[0][:, 0, 0], new)

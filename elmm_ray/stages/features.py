@@ -5,6 +5,7 @@ Ray Data actor pools."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,7 @@ from elmm_ray.config import Config, config_from_dict, config_to_dict
 from elmm_ray.data.embeddings import embeddings_to_store
 from elmm_ray.data.extraction import extract_features
 from elmm_ray.data.feature_store import MANIFEST as STORE_MANIFEST
+from elmm_ray.data.feature_store import METADATA as STORE_METADATA
 from elmm_ray.data.feature_store import (
     FeatureStore,
     StoreLocation,
@@ -24,10 +26,13 @@ from elmm_ray.data.feature_store import (
     read_json_or_none,
 )
 from elmm_ray.faults import fault_point
+from elmm_ray.integrity import sha256_file
 from elmm_ray.layout import RunLayout
 from elmm_ray.ray_session import init_ray
 from elmm_ray.stages.base import Stage, StageContext, data_stages, image_stage, register
 from elmm_ray.train.context import backbone_source, build_context, get_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def run_extract(ctx: StageContext) -> dict:
@@ -88,9 +93,21 @@ def extract_needs(cfg: Config) -> tuple[str, ...]:
 
 def _extract_done(layout: RunLayout, cfg: Config) -> bool:
     """The store's manifest is there and readable (a reader that finds a corrupt part
-    removes it, so the stage runs again and re-extracts that part)."""
-    manifest = read_json_or_none(StoreLocation(layout.feature_store), STORE_MANIFEST)
-    return bool(manifest and manifest.get("status") == "complete")
+    removes it, so the stage runs again and re-extracts that part); a store made from
+    precomputed embeddings also still matches the file's bytes (a file replaced at the same
+    path changes no config value: its sha256 does)."""
+    loc = StoreLocation(layout.feature_store)
+    manifest = read_json_or_none(loc, STORE_MANIFEST)
+    if not (manifest and manifest.get("status") == "complete"):
+        return False
+    embeddings = cfg.dataset.visual_embeddings.path
+    if embeddings:
+        recorded = (read_json_or_none(loc, STORE_METADATA) or {}).get("embeddings_sha256")
+        if recorded != sha256_file(embeddings):
+            log.warning("extract: %s changed since the feature store was built from it "
+                        "(sha256 differs): rebuilding the store", embeddings)
+            return False
+    return True
 
 
 class _EntityEncoder:
