@@ -12,6 +12,7 @@ its consumers; nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -154,10 +155,14 @@ def run_stages(names: list[str], cfg: Config, *, show_progress: bool = True,
     layout.write_config(cfg)
     layout.push()
     try:
-        return _run_planned(names, cfg, layout, StageContext(cfg, show_progress, tune_trial,
-                                                             _kg=kg), must_be_complete)
-    finally:
-        layout.push()  # what the stages left (also after a failure: logs, partial outputs)
+        results = _run_planned(names, cfg, layout, StageContext(cfg, show_progress, tune_trial,
+                                                                _kg=kg), must_be_complete)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the stage's own error is the one to report
+            layout.push()  # what the failed stage left: logs, partial outputs
+        raise
+    layout.push()
+    return results
 
 
 def _run_planned(names: list[str], cfg: Config, layout: RunLayout, ctx: StageContext,

@@ -66,8 +66,10 @@ def export_on_ray(cfg: Config, out_dir: str | Path | None = None) -> Path:
         max_retries=1)
     out = Path(ray.get(task.remote(config_to_dict(cfg),
                                    str(Path(out_dir).resolve()) if out_dir else None)))
-    if out_dir is None:
-        RunLayout.of(cfg).pull("export")
+    if out_dir is None:  # in the run directory: here, whatever node the task ran on
+        layout = RunLayout.of(cfg)
+        layout.pull("export")
+        return layout.export_dir
     return out
 
 

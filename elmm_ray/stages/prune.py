@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -382,7 +383,7 @@ def _prune_task(config: dict, k: int, rounds: list[dict], base: dict | None,
                           timing_inputs(cfg, kg, trained), base, schedule_result(cfg, ctx, rounds),
                           start)
     layout.push(STAGE)
-    return {**out, "result": result, "rounds": rounds}
+    return {**out, "result": result, "rounds": rounds, "root": str(layout.root)}
 
 
 def prune_on_ray(stage: StageContext) -> dict:
@@ -406,9 +407,14 @@ def prune_on_ray(stage: StageContext) -> dict:
         for k in range(1, round_count(cfg) + 2):
             answer = ray.get(task.remote(config, k, rounds, base, start))
             rounds, base = answer["rounds"], answer.get("base", base)
-            if "result" in answer:
+            if "result" in answer:  # its paths are in the task node's mirror: here, ours
                 layout.pull(STAGE)
-                return answer["result"]
+                result, root = answer["result"], Path(answer["root"])
+                for key in ("model_dir", "report"):
+                    result[key] = str(layout.root / Path(result[key]).relative_to(root))
+                result["artifacts"] = [str(layout.root / Path(a).relative_to(root))
+                                       for a in result["artifacts"]]
+                return result
             record = answer["record"]
             if cfg.prune.finetune_steps > 0:
                 layout.pull(f"{STAGE}/finetune_{k}")

@@ -18,6 +18,7 @@ logs its own tracking run into the sweep's store).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -234,8 +235,11 @@ def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) ->
         grid = build_tuner(cfg, space, shared, stages).fit()
         rows = collect_rows(grid, keys)
         front, best = write_outputs(cfg, rows, keys)
-    finally:
-        layout.push()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the sweep's own error is the one to report
+            layout.push()
+        raise
+    layout.push()
     return SweepResult(rows, front, best, layout.tune_dir, shared, stages)
 
 
