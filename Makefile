@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/elmm-ray run configs/demo.yaml
 
 test: $(STAMP)
-	$(PYTEST_ENV) $(BIN)/pytest -q
+	$(PYTEST_ENV) $(BIN)/pytest -q --durations=15
 
 test-quick: $(STAMP)
 	$(PYTEST_ENV) $(BIN)/pytest -q -m "not slow"
