@@ -28,6 +28,7 @@ TOLERANCE = 1e-6  # CPU runs with fixed threads are deterministic; a resume is e
 RAY_RUN = [
     "dataset.synth.num_entities=60", "dataset.synth.max_images=2", "dataset.synth.image_size=32",
     "images.max_images_per_entity=2", "images.max_shard_bytes=40000", "ray.data_batch_size=16",
+    "ray.data_part_rows=16",
     "model.preset=tiny-test", "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
     "train.backend=ray", "train.num_workers=1", "train.cpus_per_worker=1", "train.epochs=2",
     "train.batch_size=16", "train.learning_rate=0.003", "train.num_negatives=8",
