@@ -36,3 +36,11 @@ def test_entity_texts_tokenized_in_chunks_equal_one_call(monkeypatch):
     monkeypatch.setattr(collate, "TOKENIZE_CHUNK", 4)
     assert collate._tokenize(tokenizer, texts, 5) == whole
     assert collate._tokenize(tokenizer, [], 5) == []
+
+
+def test_ranking_batches_stay_within_the_score_budget():
+    from elmm_ray.eval.evaluate import RANK_BATCH, SCORE_BUDGET, ranking_batch
+
+    assert ranking_batch(14_541) == RANK_BATCH  # FB15k-237: 1,024 queries at once
+    assert ranking_batch(40_943) == 409 and 409 * 40_943 <= SCORE_BUDGET  # WN18
+    assert ranking_batch(10**9) == 1 and ranking_batch(0) == RANK_BATCH
