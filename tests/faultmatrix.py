@@ -28,6 +28,7 @@ TOLERANCE = 1e-6  # CPU runs with fixed threads are deterministic; a resume is e
 RAY_RUN = [
     "dataset.synth.num_entities=60", "dataset.synth.max_images=2", "dataset.synth.image_size=32",
     "images.max_images_per_entity=2", "images.max_shard_bytes=40000", "ray.data_batch_size=16",
+    "ray.data_part_rows=16",
     "model.preset=tiny-test", "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
     "train.backend=ray", "train.num_workers=1", "train.cpus_per_worker=1", "train.epochs=2",
     "train.batch_size=16", "train.learning_rate=0.003", "train.num_negatives=8",
@@ -41,10 +42,12 @@ UPSTREAM = {
     "prune": ["synth", "pack", "extract", "entity_init", "train", "eval"],
     "export": ["synth", "pack", "extract", "entity_init", "train", "eval", "prune"],
 }
+# Paths (globs) each stage leaves; a stage's Ray Train runs only (a later stage's finished
+# run copied in would make that stage resume from its last checkpoint and train nothing).
 ARTIFACTS = {"synth": ["data"], "pack": ["shards"], "extract": ["features"],
              "entity_init": ["entity_init.safetensors", "tokenizer", "backbone"],
-             "train": ["train", "ray_train"], "eval": ["eval"], "prune": ["prune", "ray_train"],
-             "export": ["export"]}
+             "train": ["train", "ray_train/train-*"], "eval": ["eval"],
+             "prune": ["prune", "ray_train/prune_*"], "export": ["export"]}
 
 
 @dataclass
@@ -117,8 +120,8 @@ def seed_run(base: Path, run: Path, stages: list[str]) -> None:
     (run / "manifests").mkdir(parents=True, exist_ok=True)
     for stage in stages:
         shutil.copy2(base / "manifests" / f"{stage}.json", run / "manifests" / f"{stage}.json")
-        for rel in ARTIFACTS[stage]:
-            src, dst = base / rel, run / rel
+        for src in [p for pattern in ARTIFACTS[stage] for p in sorted(base.glob(pattern))]:
+            dst = run / src.relative_to(base)
             if src.is_dir():
                 shutil.copytree(src, dst, dirs_exist_ok=True, symlinks=True)
             elif src.is_file():
@@ -165,8 +168,9 @@ def snapshot(run: Path) -> dict:
             rows[f"{sub} losses"] = _rows(list(range(len(summary["losses"]))))
             if summary["losses"] and summary["steps"] != len(summary["losses"]):
                 rows[f"{sub} losses"]["unique"] = -1  # not one loss per step: reported
-            steps = [json.loads(line)["step"]
-                     for line in (run / sub / "metrics.jsonl").read_text().splitlines()]
+            records = run / sub / "metrics.jsonl"  # absent: every record lost
+            steps = [json.loads(line)["step"] for line in
+                     (records.read_text().splitlines() if records.is_file() else [])]
             rows[f"{sub} metrics.jsonl records"] = _rows(steps)
             values[f"{sub} val_mrr"] = np.array([h["val_mrr"] for h in summary["history"]])
         if (run / sub / "model" / "trainable.safetensors").is_file():

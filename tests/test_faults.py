@@ -74,14 +74,14 @@ def test_compare_counts_lost_and_duplicated_rows():
 LOCAL = ["dataset.name=db15k-tiny", f"dataset.path={fm.REPO / 'tests/data/mygo_db15k_tiny'}",
          "model.preset=tiny-test", "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
          "train.backend=local", "train.batch_size=16", "train.learning_rate=0.003",
-         "train.num_negatives=8", "eval.batch_size=64", "train.epochs=2",
+         "train.num_negatives=8", "eval.batch_size=64", "train.epochs=1",
          "images.max_images_per_entity=1"]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(240)
 def test_a_killed_local_training_reruns_to_the_same_figures(tmp_path):
     """The ``elmm-ray eval`` driver (local training: no Ray, no checkpoint) is SIGKILLed at
-    its 5th step; the same command then trains from the start and evaluates: one loss per
+    its 3rd step; the same command then trains from the start and evaluates: one loss per
     step, one metrics record per round, the weights and metrics of an uninterrupted run."""
     from elmm_ray.data.kg import load_kg
 
@@ -91,7 +91,7 @@ def test_a_killed_local_training_reruns_to_the_same_figures(tmp_path):
     overrides = [*LOCAL, f"dataset.visual_embeddings.path={emb}"]
     base_run, base = fm.baseline(tmp_path, overrides, "eval")
     assert base["values"]["eval mrr"].size == 1
-    case = fm.Case("local-train-driver", "local", "eval", "train.step:5", "driver")
+    case = fm.Case("local-train-driver", "local", "eval", "train.step:3", "driver")
     row = fm.run_case(case, base_run, base, tmp_path, overrides=overrides, timeout=240)
     assert row["exit_codes"] == [-signal.SIGKILL, 0], row
     assert row["survived"], row["problems"]

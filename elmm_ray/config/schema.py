@@ -386,6 +386,10 @@ class RayConfig:
     data_actors: Int = Field(1, description="vision-tower actors in the extract pool", ge=1)
     data_actor_gpus: Float = Field(0.0, description="GPUs per Ray Data actor", ge=0)
     data_batch_size: Int = Field(32, description="images per extract batch", ge=1)
+    data_part_rows: Int = Field(
+        0, description="images per committed feature-store part (0: parts of ~64 MiB of "
+        "features); a killed extraction redoes only its uncommitted parts", ge=0
+    )
     include_dashboard: Bool = Field(
         True, description="a local cluster starts Ray's dashboard on 127.0.0.1: Ray Train's "
         "placement-group cleaner needs its State API (without it a stopped Tune trial keeps "

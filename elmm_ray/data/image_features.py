@@ -50,10 +50,20 @@ class FeatureBank:
 
     @classmethod
     def empty(cls, num_entities: int, max_images: int, tokens: int, width: int) -> FeatureBank:
-        """No images for anyone (the no-image ablation, or ``max_images = 0``)."""
+        """A zeroed bank with no image marked, to be filled in place."""
         return cls(torch.zeros(num_entities, max(max_images, 1), tokens, width,
                                dtype=torch.float16),
                    torch.zeros(num_entities, max(max_images, 1), dtype=torch.bool))
+
+    @classmethod
+    def none(cls, num_entities: int, max_images: int, tokens: int, width: int) -> FeatureBank:
+        """No images for anyone (the no-image ablation, or ``max_images = 0``): one zero
+        slot viewed for every entity (read-only), so memory does not grow with entities
+        (a dense zero bank of WN18's 40,943 entities took 1.3 GB with the tiny preset)."""
+        slots = max(max_images, 1)
+        zero = torch.zeros(1, 1, tokens, width, dtype=torch.float16)
+        return cls(zero.expand(num_entities, slots, tokens, width),
+                   torch.zeros(num_entities, slots, dtype=torch.bool))
 
 
 def read_shard_rows(shard_dir: str | Path, max_images: int) -> list[tuple[int, int, bytes]]:

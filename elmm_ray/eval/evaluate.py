@@ -75,6 +75,17 @@ def shard_indices(total: int, rank: int, world: int) -> np.ndarray:
     return np.arange(rank * per_rank, (rank + 1) * per_rank).clip(max=max(total - 1, 0))
 
 
+RANK_BATCH = 1024  # queries ranked at once ...
+SCORE_BUDGET = 2**24  # ... within this many scores (64 MB of float32) per batch
+
+
+def ranking_batch(num_entities: int) -> int:
+    """Queries per ranking batch: 1,024, fewer where the ``(batch, entities)`` score matrix
+    would pass :data:`SCORE_BUDGET` (WN18's 40,943 entities: 409), so that the memory of
+    ranking stays flat in the number of entities."""
+    return max(1, min(RANK_BATCH, SCORE_BUDGET // max(num_entities, 1)))
+
+
 @torch.no_grad()
 def rank_shard(model: ELMM, collator: QueryCollator, features: FeatureBank,
                kg: KnowledgeGraph, queries: np.ndarray, batch_size: int,
@@ -86,7 +97,8 @@ def rank_shard(model: ELMM, collator: QueryCollator, features: FeatureBank,
     vectors = encode_queries(model, collator, features, part, batch_size)
     table = model.entity_vectors().float()  # ranked on the model's device
     result = rank_with_vectors(vectors.to(table.device), table, part, kg.filter_index(),
-                               batch_size=1024, cosine=True, temperature=model.temperature)
+                               batch_size=ranking_batch(len(table)), cosine=True,
+                               temperature=model.temperature)
     return result.ranks, result.top1
 
 

@@ -48,7 +48,8 @@ def run_extract(ctx: StageContext) -> dict:
         pool=cfg.model.feature_pool, dtype=cfg.model.dtype, actors=cfg.ray.data_actors,
         actor_cpus=cfg.ray.data_actor_cpus, actor_gpus=cfg.ray.data_actor_gpus,
         batch_size=cfg.ray.data_batch_size, decode_cpus=cfg.images.num_cpus_per_task,
-        show_progress=ctx.show_progress, mirror=layout.remote)
+        part_rows=cfg.ray.data_part_rows, show_progress=ctx.show_progress,
+        mirror=layout.remote)
     m = result.manifest
     return {"store": result.store_dir, "store_fingerprint": m["fingerprint"],
             "backbone": m["backbone"], "counts": m["counts"], "parts": m["parts"],

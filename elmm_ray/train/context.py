@@ -135,7 +135,7 @@ def build_features(cfg: Config, model: ELMM, kg: KnowledgeGraph):
     max_images = cfg.images.max_images_per_entity
     if not reads_images(cfg) or max_images == 0:
         tokens, width = image_feature_shape(model.backbone, cfg.model.feature_pool)
-        return FeatureBank.empty(kg.num_entities, max_images, tokens, width)
+        return FeatureBank.none(kg.num_entities, max_images, tokens, width)
     if cfg.dataset.visual_embeddings.path:
         return embedding_features(cfg, kg)
     try:

@@ -95,10 +95,10 @@ def _search_alg(cfg: Config):
 def _scheduler(cfg: Config):
     if cfg.tune.scheduler != "asha":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from elmm_ray.tune.asha import ResumableASHA
 
     # time_attr: Tune's count of reports, i.e. validation rounds (plus the final report).
-    return ASHAScheduler(metric=cfg.tune.metric, mode=cfg.tune.mode,
+    return ResumableASHA(metric=cfg.tune.metric, mode=cfg.tune.mode,
                          grace_period=cfg.tune.grace_period,
                          reduction_factor=cfg.tune.reduction_factor, max_t=10**6)
 
