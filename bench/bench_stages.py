@@ -65,6 +65,13 @@ def process_title(cmdline: list[str], name: str) -> str:
     return " ".join(cmdline).strip() or name
 
 
+def short_title(title: str) -> str:
+    """``title`` with every path cut to its file name (results never name this machine's
+    directories), at most 80 characters."""
+    return " ".join(token.rsplit("/", 1)[-1] if "/" in token else token
+                    for token in title.split())[:80]
+
+
 def worker_label(title: str) -> str:
     """The task or actor of a Ray worker's title, without Ray's prefix, the method an actor
     is running or an operator's arguments: ``ray::RayTrainWorker.run_train_fn`` ->
@@ -170,7 +177,7 @@ class Sampler:
                 seen.system_peak = max(seen.system_peak, rss)
             elif kind == "other":
                 seen.other_peak = max(seen.other_peak, rss)
-                seen.other_names.add(title[:80])
+                seen.other_names.add(short_title(title))
             elif kind == "helper":
                 seen.helper_peak = max(seen.helper_peak, rss)
             else:
