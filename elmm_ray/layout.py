@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # weights of the validation round with the highest val MRR, and that round's record.
 BEST_SUBDIR = "best"
 BEST_RECORD = "best.json"
+# What Ray workers leave out of a remote run directory's mirror (see RunLayout.pull_inputs).
+WORKER_SKIP = ("shards", "data/images")
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
@@ -146,6 +148,19 @@ class RunLayout:
         """With a remote run directory: bring its files (below ``under``) into the mirror."""
         if self.remote:
             self.remote.pull(under)
+
+    def pull_inputs(self) -> None:
+        """On a Ray worker, with a remote run directory: what a model step reads (tokenizer,
+        backbone, dataset texts, entity table, trained weights, manifests), not the image
+        files and shards (large; only pack and shard-fed features read them, and fetch
+        their own: :meth:`pull_shards`)."""
+        if self.remote:
+            self.remote.pull(skip=WORKER_SKIP)
+
+    def pull_shards(self) -> None:
+        """The image shards, when they are in the remote run directory."""
+        if self.remote and self.shard_dir.is_relative_to(self.root):
+            self.remote.pull(self.shard_dir.relative_to(self.root).as_posix())
 
     def push(self, under: str = "") -> None:
         """With a remote run directory: upload what changed in the mirror."""

@@ -74,14 +74,39 @@ def open_uri(uri: str, endpoint: str | None = None) -> tuple[Any, str]:
     return fs, path.rstrip("/")
 
 
+def cache_root() -> Path:
+    """This node's cache of remote run directories: ``$ELMM_RUN_CACHE`` or
+    ``~/.cache/elmm_ray/runs``."""
+    base = os.environ.get("ELMM_RUN_CACHE") or Path.home() / ".cache" / "elmm_ray" / "runs"
+    return Path(base).expanduser()
+
+
+def copy_down(fs: Any, path: str, dest: Path, digest: Any = None) -> int:
+    """Stream the remote file ``path`` to ``dest`` through a temporary name and a rename
+    (``digest``, a hashlib object, sees every byte); returns the bytes written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    written = 0
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
+            while chunk := src.read(1 << 22):
+                if digest is not None:
+                    digest.update(chunk)
+                written += out.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return written
+
+
 def mirror_dir(uri: str) -> Path:
     """The local mirror of the remote run directory ``uri`` on this node."""
     scheme, _, rest = plain_uri(uri).partition("://")
-    base = os.environ.get("ELMM_RUN_CACHE") or Path.home() / ".cache" / "elmm_ray" / "runs"
     rest = rest.strip("/")
     if not rest or ".." in rest.split("/"):
         raise ValueError(f"run_dir {uri!r}: give a bucket and a prefix, e.g. s3://bucket/runs/x")
-    return (Path(base).expanduser() / scheme / rest).resolve()
+    return (cache_root() / scheme / rest).resolve()
 
 
 def _synced(rel: str) -> bool:
@@ -166,11 +191,13 @@ class RemoteMirror:
         return not under or rel.startswith(f"{under.rstrip('/')}/")
 
     # --- transfers ----------------------------------------------------------------------
-    def pull(self, under: str = "") -> dict[str, int]:
-        """Bring the remote files (below ``under``) into the mirror: those missing here or
-        changed remotely since the last exchange; local files synced before and deleted
-        remotely since are removed (the remote is the truth). Returns counts."""
-        remote = self.remote_files(under)
+    def pull(self, under: str = "", skip: tuple[str, ...] = ()) -> dict[str, int]:
+        """Bring the remote files (below ``under``, not below any of ``skip``) into the
+        mirror: those missing here or changed remotely since the last exchange; local files
+        synced before and deleted remotely since are removed (the remote is the truth).
+        Returns counts."""
+        remote = {rel: v for rel, v in self.remote_files(under).items()
+                  if not any(self._below(rel, s) for s in skip)}
         state = self._state()
         local = self.local_files(under)
         fetched = removed = 0
@@ -186,7 +213,8 @@ class RemoteMirror:
             fetched += 1
             st = (self.local / rel).stat()
             state[rel] = [st.st_size, st.st_mtime_ns, mtime]
-        for rel in [r for r in state if r not in remote and self._below(r, under)]:
+        for rel in [r for r in state if r not in remote and self._below(r, under)
+                    and not any(self._below(r, s) for s in skip)]:
             (self.local / rel).unlink(missing_ok=True)
             del state[rel]
             removed += 1
@@ -240,18 +268,7 @@ class RemoteMirror:
         self._save_state(state)
 
     def _download(self, rel: str) -> None:
-        dest = self.local / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, self.fs.open_input_stream(
-                    self.remote_path(rel)) as src:
-                while chunk := src.read(1 << 22):
-                    out.write(chunk)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        copy_down(self.fs, self.remote_path(rel), self.local / rel)
 
     def _upload(self, rel: str) -> None:
         # One PUT (or multipart upload) per object: readers see the old object or the new
@@ -292,27 +309,18 @@ def cached_copy(fs: Any, path: str, size: int | None = None,
         return None
     if size is None:
         size = int(fs.get_file_info(path).size)
-    base = Path(setting or os.environ.get("ELMM_RUN_CACHE")
-                or Path.home() / ".cache" / "elmm_ray" / "runs").expanduser()
     key = sha256 or hashlib.sha256(f"{path}:{size}".encode()).hexdigest()
+    base = Path(setting).expanduser() if setting else cache_root()
     dest = base / "_parts" / f"{key[:32]}{posixpath.splitext(path)[1]}"
     if dest.is_file() and dest.stat().st_size == size:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
-            while chunk := src.read(1 << 22):
-                digest.update(chunk)
-                out.write(chunk)
-        got = os.path.getsize(tmp)
-        if got != size or (sha256 and digest.hexdigest() != sha256):
-            raise OSError(f"{path}: the download has {got} bytes / sha256 "
-                          f"{digest.hexdigest()[:12]}..., the store's record says {size} / "
-                          f"{(sha256 or '?')[:12]}...: the remote part changed or is corrupt")
-        os.replace(tmp, dest)  # another process of the node may win the race: same bytes
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    staged = dest.with_name(f".{dest.name}.{os.getpid()}.staged")
+    got = copy_down(fs, path, staged, digest)
+    if got != size or (sha256 and digest.hexdigest() != sha256):
+        staged.unlink(missing_ok=True)
+        raise OSError(f"{path}: the download has {got} bytes / sha256 "
+                      f"{digest.hexdigest()[:12]}..., the store's record says {size} / "
+                      f"{(sha256 or '?')[:12]}...: the remote part changed or is corrupt")
+    os.replace(staged, dest)  # another process of the node may win the race: same bytes
     return dest

@@ -47,6 +47,10 @@ def test_push_then_pull_into_a_new_mirror(s3_server, tmp_path):
     assert set(s3_server.keys("sync/")) == {"sync/train/model/w.bin", "sync/manifests/train.json"}
     assert one.push() == {"uploaded": 0, "deleted": 0}  # nothing changed
 
+    partial = _mirror(s3_server, "sync", tmp_path / "partial")  # what a Ray worker pulls
+    assert partial.pull(skip=("train",)) == {"fetched": 1, "removed": 0, "files": 1}
+    assert not (partial.local / "train").exists()
+
     two = _mirror(s3_server, "sync", tmp_path / "two")
     assert two.pull() == {"fetched": 2, "removed": 0, "files": 2}
     assert (two.local / "train" / "model" / "w.bin").read_bytes() == b"\x00" * 1000

@@ -47,7 +47,7 @@ def _export_task(config: dict, out_dir: str | None) -> str:
     torch.set_num_threads(cfg.train.threads_per_worker)
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else None
     layout = RunLayout.of(cfg)
-    layout.pull()  # a remote run directory: this node's mirror gets the model
+    layout.pull_inputs()  # a remote run directory: this node's mirror gets the model
     out = export_run(cfg, load_dataset(cfg), out_dir, device=device)
     if out_dir is None:
         layout.push("export")  # for the driver, whatever node it is on

@@ -122,7 +122,7 @@ class _EntityEncoder:
         if threads > 0:
             torch.set_num_threads(threads)
         cfg = config_from_dict(config)
-        RunLayout.of(cfg).pull()  # a remote run directory: tokenizer, backbone on this node
+        RunLayout.of(cfg).pull_inputs()  # a remote run directory: tokenizer, backbone here
         features = FeatureStore.open(store, expect=expect) if store else None
         ctx = build_context(cfg, kg, features=features)
         self.features = ctx.features

@@ -357,7 +357,7 @@ def _prune_task(config: dict, k: int, rounds: list[dict], base: dict | None,
     cfg = config_from_dict(config)
     torch.set_num_threads(cfg.train.threads_per_worker)
     layout = RunLayout.of(cfg)
-    layout.pull()  # a remote run directory: this node's mirror gets the models
+    layout.pull_inputs()  # a remote run directory: this node's mirror gets the models
     kg = load_dataset(cfg)
     out: dict = {}
     if k == 1:

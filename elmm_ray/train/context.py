@@ -145,6 +145,7 @@ def build_features(cfg: Config, model: ELMM, kg: KnowledgeGraph):
     if store is not None:
         return _checked(store, kg)
     vision = model.backbone.config.vision_config
+    RunLayout.of(cfg).pull_shards()  # a remote run directory: the shards, on this node
     return features_from_shards(vision_tower_of(model.backbone), RunLayout.of(cfg).shard_dir,
                                 num_entities=kg.num_entities, max_images=max_images,
                                 image_size=vision.image_size,

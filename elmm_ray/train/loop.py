@@ -501,7 +501,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     ds_setup.disable_jit_ops()
     layout = RunLayout.of(cfg)
-    layout.pull()  # a remote run directory: this node's mirror gets the inputs
+    layout.pull_inputs()  # a remote run directory: this node's mirror gets the inputs
     kg = load_dataset(cfg)
     ctx = prepare_context(cfg, kg, spec)
     shard = ray.train.get_dataset_shard("train")

@@ -33,7 +33,7 @@ class _EvalWorker:
     def __init__(self, config: dict) -> None:
         self.cfg = cfg = config_from_dict(config)
         torch.set_num_threads(cfg.train.threads_per_worker)
-        RunLayout.of(cfg).pull()  # a remote run directory: this node's mirror gets the model
+        RunLayout.of(cfg).pull_inputs()  # a remote run directory: the model, on this node
         self.kg = load_dataset(cfg)
         self.ctx = load_trained_context(cfg, self.kg)
         self.model = self.ctx.model.eval()
