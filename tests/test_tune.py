@@ -86,12 +86,17 @@ def test_every_shipped_space_loads_and_shares_upstream_stages():
     for path in sorted((REPO / "tune_spaces").glob("*.yaml")):
         space = load_space(path, cfg)
         splits[path.stem] = split_stages(space.apply(cfg), list(space.params))
-    # features do not depend on MVTC counts; a pruning sweep starts from one trained base
-    assert splits["compression"] == (["synth", "pack", "extract"], ["entity_init", "train"])
-    assert splits["pruning"] == (["synth", "pack", "extract", "entity_init", "train"],
-                                 ["prune"])
+    # features do not depend on MVTC counts; a pruning sweep starts from one trained base;
+    # the demo encodes its entities (model.entity_repr=encoder): no entity_init stage
+    assert splits["compression"] == (["synth", "pack", "extract"], ["train"])
+    assert splits["pruning"] == (["synth", "pack", "extract", "train"], ["prune"])
     assert splits["contrastive"][1] == ["train"]
-    assert splits["full"][1] == ["entity_init", "train", "prune"]
+    assert splits["full"][1] == ["train", "prune"]
+    # with the entity table, MVTC counts change the table's initial encodings
+    table = load_config(DEMO, ["model.entity_repr=table"])
+    space = load_space(REPO / "tune_spaces" / "compression.yaml", table)
+    assert split_stages(space.apply(table), list(space.params)) == (
+        ["synth", "pack", "extract"], ["entity_init", "train"])
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 `tiny-test` model preset with 4 + 4 MVTC tokens, local training. Tests add only what
 they are about (epochs, steps, Ray settings).
 
-The tiny run pins the learning settings it was recorded with (entity table, no feature
-pooling, no warm-up), so that tuning configs/demo.yaml for learning (issue 10) never moves
-its recorded curve (tests/test_golden.py) or its feature store."""
+The tiny run pins the entity representation it was recorded with (the entity table), so
+that the demo's learning settings (configs/demo.yaml: the entity encoder, issue 10) do not
+move its recorded curve (tests/test_golden.py)."""
 
 TINY_DATA = [
     "dataset.synth.num_entities=60", "dataset.synth.max_images=2",
@@ -12,10 +12,10 @@ TINY_DATA = [
 ]
 TINY_MODEL = [
     "model.preset=tiny-test", "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
-    "model.entity_repr=table", "model.feature_pool=1",
+    "model.entity_repr=table",
 ]
 TINY_LOCAL_TRAIN = [
     "train.backend=local", "train.batch_size=16", "train.learning_rate=0.003",
-    "train.num_negatives=8", "eval.batch_size=64", "train.warmup_steps=0",
+    "train.num_negatives=8", "eval.batch_size=64",
 ]
 TINY = [*TINY_DATA, *TINY_MODEL, *TINY_LOCAL_TRAIN]
