@@ -1,14 +1,17 @@
 """Learning on the synthetic KG (attributes visible only in the pictures, opaque names):
 the tiny ELMM trained with the local backend on the demo settings, per direction, for the
 entity representations and the ablations, and a repeat of the first run (same seed: the
-figures must be identical).
+figures must be identical), on the demo KG (300 entities) and a 1,000-entity KG.
 
-    python bench/bench_learning.py [--entities 300] [--minutes M] [--runs NAME,...] [k=v ...]
+    python bench/bench_learning.py [--entities 300,1000] [--minutes M] [--runs NAME,...] [k=v ...]
 
-Runs (``--runs``, default all): ``encoder`` (model.entity_repr=encoder, the demo's),
-``table`` (the learnable table + image adapter), ``table+encoder``, ``no-images``
-(mvtc.n_text=0 mvtc.n_visual=0), ``no-text-view`` (mvtc.n_text=0), ``no-visual-view``
-(mvtc.n_visual=0), ``repeat`` (the first run again). Targets (issue 10): test Hits@1 >= 0.60
+Runs (``--runs``, default ``encoder,no-images,no-text-view,no-visual-view,repeat``):
+``encoder`` (model.entity_repr=encoder, the demo's), ``table`` (the learnable table + image
+adapter), ``table+encoder``, ``no-images`` (mvtc.n_text=0 mvtc.n_visual=0), ``no-text-view``
+(mvtc.n_text=0), ``no-visual-view`` (mvtc.n_visual=0), ``repeat`` (the first run again).
+Each KG size gets the demo's training settings plus ``SIZE_SETTINGS`` (a larger KG has more
+steps per epoch, so it runs fewer epochs to stay within ~6 minutes of one CPU thread).
+Results go to ``results/learning_<entities>.json``. Targets (issue 10): test Hits@1 >= 0.60
 overall, head >= 0.50, tail >= 0.70; no-image ablation >= 0.30 lower overall.
 """
 
@@ -42,24 +45,19 @@ RUNS = {
     "no-visual-view": ["model.entity_repr=encoder", "mvtc.n_visual=0"],
 }
 METRICS = ("mrr", "hits@1", "hits@3", "hits@10")
+DEFAULT_RUNS = "encoder,no-images,no-text-view,no-visual-view,repeat"
+# Per KG size, on top of configs/demo.yaml (chosen in results/learning_search.md).
+SIZE_SETTINGS: dict[int, list[str]] = {300: [], 1000: ["train.epochs=2"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--entities", type=int, default=300, help="synthetic KG size")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="a time budget per run (default: the config's epochs; with a time "
-                        "budget the repeat is not comparable)")
-    parser.add_argument("--runs", default=",".join([*RUNS, "repeat"]))
-    parser.add_argument("--name", default=None, help="results file (default learning_<E>)")
-    parser.add_argument("overrides", nargs="*", help="key=value applied to every run")
-    args = parser.parse_args()
-    names = [n for n in args.runs.split(",") if n]
+def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
+    """Every run of ``names`` on a synthetic KG of ``entities``; prints the table and the
+    target checks, saves ``results/<name or learning_<entities>>.json``."""
     results = {}
+    sized = [f"dataset.synth.num_entities={entities}", *SIZE_SETTINGS.get(entities, [])]
     with tempfile.TemporaryDirectory(prefix="bench_learning_") as tmp:
         root = Path(tmp)
-        data = [f"dataset.synth.num_entities={args.entities}"]
-        base = absolute_paths(load_config(DEMO, [f"run_dir={root / 'data'}", *data,
+        base = absolute_paths(load_config(DEMO, [f"run_dir={root / 'data'}", *sized,
                                                  *args.overrides]))
         run_stage("synth", base, show_progress=False)
         kg = load_dataset(base)
@@ -69,18 +67,24 @@ def main() -> None:
             cfg = absolute_paths(load_config(DEMO, [
                 f"run_dir={root / f'run{i}'}", "train.backend=local",
                 f"dataset.path={root / 'data' / 'data'}", "dataset.name=synth",
-                f"images.shard_dir={root / 'data' / 'shards'}", *data,
+                f"images.shard_dir={root / 'data' / 'shards'}", *sized,
                 *([f"train.max_minutes={args.minutes}"] if args.minutes else []), *extra,
                 *args.overrides]))
             summary = train_local(cfg, kg, show_progress=False)
             m = evaluate(cfg, kg, load_trained_context(cfg, kg))
-            results[name] = {"overrides": extra, "steps": summary["steps"],
+            results[name] = {"overrides": [*sized, *extra], "steps": summary["steps"],
                              "train_seconds": summary["train_seconds"],
+                             "seconds_per_step":
+                                 summary["train_seconds"] / max(1, summary["steps"]),
                              **{d: {k: m[d][k] for k in METRICS}
                                 for d in ("overall", "tail", "head")}}
+            save(args.name or f"learning_{entities}", {  # after every run: nothing is lost
+                "command": "python bench/bench_learning.py " + " ".join(sys.argv[1:]),
+                "args": vars(args), "entities": entities, "results": results,
+                "finished": False})
             r = results[name]
-            print(f"{name}: {r['steps']} steps {r['train_seconds']:.0f}s  Hits@1 "
-                  f"{r['overall']['hits@1']:.3f} (tail {r['tail']['hits@1']:.3f}, head "
+            print(f"{entities} entities, {name}: {r['steps']} steps {r['train_seconds']:.0f}s  "
+                  f"Hits@1 {r['overall']['hits@1']:.3f} (tail {r['tail']['hits@1']:.3f}, head "
                   f"{r['head']['hits@1']:.3f})", flush=True)
     rows = [(name, r["steps"], f"{r['train_seconds']:.0f}", f"{r['overall']['mrr']:.3f}",
              f"{r['overall']['hits@1']:.3f}", f"{r['tail']['hits@1']:.3f}",
@@ -103,9 +107,33 @@ def main() -> None:
             for d in ("overall", "tail", "head") for k in METRICS)
     for check, ok in checks.items():
         print(f"{check}: {'met' if ok else 'NOT met'}")
-    save(args.name or f"learning_{args.entities}", {
+    save(args.name or f"learning_{entities}", {
         "command": "python bench/bench_learning.py " + " ".join(sys.argv[1:]),
-        "args": vars(args), "results": results, "checks": checks})
+        "args": vars(args), "entities": entities, "results": results, "checks": checks,
+        "finished": True})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--entities", default="300,1000",
+                        help="synthetic KG sizes, comma-separated")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="a time budget per run (default: the config's epochs; with a time "
+                        "budget the repeat is not comparable)")
+    parser.add_argument("--runs", default=DEFAULT_RUNS)
+    parser.add_argument("--name", default=None,
+                        help="results file (default learning_<E>; one size only)")
+    parser.add_argument("overrides", nargs="*", help="key=value applied to every run")
+    args = parser.parse_args()
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS and n != "repeat"]
+    if unknown:
+        parser.error(f"--runs: unknown {unknown}; choose from {[*RUNS, 'repeat']}")
+    sizes = [int(x) for x in args.entities.split(",") if x]
+    if args.name and len(sizes) > 1:
+        parser.error("--name needs a single --entities size")
+    for entities in sizes:
+        run_size(entities, names, args)
 
 
 if __name__ == "__main__":
