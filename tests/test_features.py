@@ -35,7 +35,7 @@ TINY = [
     "dataset.synth.num_entities=40", "dataset.synth.max_images=4",
     "dataset.synth.image_size=32", "dataset.synth.inject_faults=true",
     "dataset.synth.no_image_fraction=0.1", f"images.max_images_per_entity={MAX_IMAGES}",
-    "model.preset=tiny-test", "model.patch_size=16",
+    "model.preset=tiny-test", "model.entity_repr=table", "model.patch_size=16",
     "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
     "ray.data_actors=2", "ray.data_batch_size=8", "ray.num_cpus=2",
 ]

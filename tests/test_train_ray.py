@@ -41,8 +41,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 TINY = [
     "dataset.synth.num_entities=48", "dataset.synth.max_images=2",
     "dataset.synth.image_size=32", "images.max_images_per_entity=2",
-    "model.preset=tiny-test", "model.patch_size=16", "model.llm_hidden=32",
-    "model.llm_intermediate=64", "model.vocab_size=200",
+    "model.preset=tiny-test", "model.entity_repr=table", "model.patch_size=16",
+    "model.llm_hidden=32", "model.llm_intermediate=64", "model.vocab_size=200",
     "mvtc.n_visual=2", "mvtc.n_text=2", "mvtc.heads=2",
     "lora.dropout=0", "train.num_negatives=0", "train.in_batch_negatives=false",
     "train.batch_size=8", "train.epochs=2", "train.eval_every=6", "train.val_max_queries=20",
