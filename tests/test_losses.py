@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from elmm_ray.losses import (
     combined_loss,
     contrastive_loss,
+    hard_negatives,
     knowledge_loss,
     pairs_to_mask,
     sample_negatives,
@@ -171,6 +172,29 @@ def test_sample_negatives_is_deterministic_and_in_range() -> None:
     assert torch.equal(first, second)
     assert first.min() >= 0 and first.max() < NUM_ENTITIES
     assert sample_negatives(2, 0, NUM_ENTITIES).shape == (2, 0)
+
+
+def test_hard_negatives_skip_answers_and_known_answers() -> None:
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 1.0],
+                           [1.0, 2.0, 3.0, 9.0, 8.0, 7.0]])
+    answers = torch.tensor([0, 3])
+    known = (np.array([0, 1]), np.array([2, 4]))  # row 0 knows 2, row 1 knows 4
+    per_row = hard_negatives(scores, answers, known, 2, shared=False)
+    assert per_row.tolist() == [[1, 3], [5, 2]]
+    # Shared by the batch: each row's hardest first, rows taking turns, each entity once.
+    shared = hard_negatives(scores, answers, known, 3, shared=True)
+    assert shared.tolist() == [[1, 5, 3]]
+    assert hard_negatives(scores, answers, known, 10, shared=True).shape == (1, 6)
+    # A boolean known mask gives the same; scores are not modified.
+    mask = pairs_to_mask(*known, 2, 6)
+    assert torch.equal(hard_negatives(scores, answers, mask, 2, shared=False), per_row)
+    assert scores[0, 0] == 9.0
+
+
+def test_hard_negatives_never_pick_masked_entities() -> None:
+    scores = torch.full((1, 4), float("-inf"))
+    scores[0, 2] = 0.5
+    assert hard_negatives(scores, torch.tensor([0]), None, 3, shared=True).tolist() == [[2]]
 
 
 def test_knowledge_loss_by_hand() -> None:

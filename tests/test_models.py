@@ -549,6 +549,40 @@ def test_encoder_candidates_send_gradient_to_mvtc_and_lora(tokenizer, collator):
                    for n, g in grads.items()), part
 
 
+def test_hard_negatives_from_the_cache_are_encoded_with_gradients(tokenizer, collator):
+    """train.hard_negatives: the queries' highest-scoring non-answers against the entity
+    cache join the candidates that are encoded with gradients."""
+    from elmm_ray.data.image_features import FeatureBank
+    from elmm_ray.data.kg import FilterIndex
+    from elmm_ray.train.step import compute_loss
+
+    torch.manual_seed(0)
+    model = make_model(tokenizer, entity_repr="encoder").train()
+    bank = FeatureBank(random_features(len(ENTITY_TEXTS), 2, model),
+                       torch.ones(len(ENTITY_TEXTS), 2, dtype=torch.bool))
+    queries = torch.tensor([[0, 0, 1], [3, 1, 4]])
+    known = FilterIndex(np.array([[0, 0, 1], [0, 0, 2], [3, 1, 4], [3, 1, 2]]), NUM_RELATIONS)
+    with torch.no_grad():
+        query_vectors = model.encode_queries(collator(
+            queries[:, 0], queries[:, 1], *bank.features_for(queries[:, 0])))
+    cache = torch.randn(len(ENTITY_TEXTS), query_vectors.shape[1])
+    cache[5] = query_vectors[0]  # the hardest non-answer of query 0
+    cache[2] = 10 * query_vectors[0]  # scores higher, but a known answer of both
+    model.set_entity_cache(cache)
+    seen = []
+    encode = model.candidate_vectors
+    model.candidate_vectors = lambda ids, batch: seen.append(ids.tolist()) or encode(ids, batch)
+    parts = compute_loss(model, collator, bank, queries, known, num_negatives=0,
+                         num_hard_negatives=2, knowledge_weight=0.0)
+    parts.loss.backward()
+    assert set(seen[0]) >= {0, 1, 3, 4}  # the answers and the query entities
+    assert 5 in seen[0] and 2 not in seen[0]
+    assert torch.isfinite(parts.loss)
+    without = compute_loss(model, collator, bank, queries, known, num_negatives=0,
+                           knowledge_weight=0.0)
+    assert len(seen[1]) == 4 and not torch.isclose(without.loss, parts.loss)
+
+
 def test_a_refreshed_cache_equals_a_fresh_encoding(tokenizer, collator):
     from elmm_ray.data.image_features import FeatureBank
     from elmm_ray.eval.evaluate import encode_all_entities, refresh_entity_cache

@@ -183,6 +183,10 @@ class TrainConfig:
     num_negatives: Int = Field(
         32, description="sampled negatives per query (the negative sample size K)", ge=0
     )
+    hard_negatives: Int = Field(
+        0, description="more negatives per batch: the queries' highest-scoring non-answers "
+        "(with an entity encoder: against its cache, see entity_refresh_every)", ge=0
+    )
     in_batch_negatives: Bool = Field(
         True, description="other queries' answers in the batch are negatives"
     )

@@ -3,6 +3,7 @@
 from elmm_ray.losses.contrastive import (
     contrastive_candidates,
     contrastive_loss,
+    hard_negatives,
     known_candidate_mask,
     pairs_to_mask,
     sample_negatives,
@@ -13,6 +14,7 @@ __all__ = [
     "combined_loss",
     "contrastive_candidates",
     "contrastive_loss",
+    "hard_negatives",
     "knowledge_loss",
     "known_candidate_mask",
     "pairs_to_mask",

@@ -78,6 +78,28 @@ def sample_negatives(batch_size: int, num_negatives: int, num_entities: int,
     return ids.to(device) if device is not None else ids
 
 
+def hard_negatives(scores: Tensor, answers: Tensor, known: KnownAnswers | None, count: int,
+                   *, shared: bool) -> Tensor:
+    """The ``count`` highest-scoring entities of each query that are neither its answer nor
+    another known answer (``scores``: ``(B, E)``, no gradient needed), as negatives:
+    ``(B, count)``, or with ``shared`` one set ``(1, <= count)`` for the whole batch (each
+    row's best first, rows taking turns, each entity once). Entities a row may not use
+    (-inf for every row) are never picked."""
+    scores = scores.detach().float().clone()
+    batch = torch.arange(scores.shape[0], device=scores.device)
+    if known is not None:
+        scores = scores.masked_fill(known if isinstance(known, Tensor) else pairs_to_mask(
+            *known, scores.shape[0], scores.shape[1], scores.device), float("-inf"))
+    scores[batch, answers.to(scores.device, torch.long)] = float("-inf")
+    depth = min(scores.shape[1], count if not shared else -(-2 * count // len(batch)) + 1)
+    top_scores, top_ids = scores.topk(depth, dim=1)
+    if not shared:
+        return top_ids
+    order = [int(i) for i, s in zip(top_ids.T.flatten(), top_scores.T.flatten(), strict=True)
+             if s > float("-inf")]  # rank 1 of every row, then rank 2, ...
+    return torch.tensor(list(dict.fromkeys(order))[:count], dtype=torch.long).unsqueeze(0)
+
+
 def contrastive_candidates(answers: Tensor, query_entities: Tensor, negatives: Tensor | None,
                            *, use_in_batch: bool = True, self_negative: bool = True) -> Tensor:
     """``(B, 1 + K + B + 1)`` candidate ids: answer, sampled, in-batch answers, query entity

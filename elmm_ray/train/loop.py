@@ -425,7 +425,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         _maybe_inject_fault(cfg, rank, step + 1, out)
         fault_point("train.step")
         parts = compute_loss(model, ctx.collator, ctx.features, batch, known,
-                             num_negatives=tc.num_negatives,
+                             num_negatives=tc.num_negatives, num_hard_negatives=tc.hard_negatives,
                              knowledge_weight=tc.knowledge_weight,
                              in_batch_negatives=tc.in_batch_negatives, generator=generator)
         engine.backward(parts.loss)

@@ -17,7 +17,13 @@ import torch
 from elmm_ray.data.collate import QueryCollator
 from elmm_ray.data.image_features import FeatureBank
 from elmm_ray.data.kg import FilterIndex
-from elmm_ray.losses import combined_loss, contrastive_loss, knowledge_loss, sample_negatives
+from elmm_ray.losses import (
+    combined_loss,
+    contrastive_loss,
+    hard_negatives,
+    knowledge_loss,
+    sample_negatives,
+)
 from elmm_ray.models.elmm import ELMM
 
 
@@ -37,10 +43,15 @@ def compute_loss(
     *,
     num_negatives: int,
     knowledge_weight: float,
+    num_hard_negatives: int = 0,
     in_batch_negatives: bool = True,
     generator: torch.Generator | None = None,
 ) -> LossParts:
-    """Loss of one batch of training queries (``(B, 3)``: entity, qrel, answer)."""
+    """Loss of one batch of training queries (``(B, 3)``: entity, qrel, answer).
+
+    ``num_hard_negatives``: that many more negatives, the highest-scoring non-answers of the
+    queries against the model's entity vectors (with an encoder: its cache, refreshed every
+    ``train.entity_refresh_every`` steps), added to the ``num_negatives`` sampled ones."""
     entities, qrels, answers = queries[:, 0], queries[:, 1], queries[:, 2]
     feats, image_mask = features.features_for(entities)
     batch = collator(entities, qrels, feats, image_mask)
@@ -56,6 +67,12 @@ def compute_loss(
     elif num_negatives:
         negatives = sample_negatives(len(entities), num_negatives, model.num_entities,
                                      generator=generator)
+    if num_hard_negatives:
+        with torch.no_grad():
+            hard = hard_negatives(model.score(query_vectors), answers, (rows, cols),
+                                  num_hard_negatives, shared=model.encodes_entities).cpu()
+        hard = hard.expand(len(entities), -1)
+        negatives = hard if negatives is None else torch.cat([negatives, hard], dim=1)
     # Only the candidates' vectors are computed; ids are remapped to rows of that subset.
     blocks = [answers, entities] + ([negatives.flatten()] if negatives is not None else [])
     candidates = torch.cat(blocks).unique()
