@@ -9,8 +9,10 @@ Runs (``--runs``, default ``encoder,no-images,no-text-view,no-visual-view,repeat
 ``encoder`` (model.entity_repr=encoder, the demo's), ``table`` (the learnable table + image
 adapter), ``table+encoder``, ``no-images`` (mvtc.n_text=0 mvtc.n_visual=0), ``no-text-view``
 (mvtc.n_text=0), ``no-visual-view`` (mvtc.n_visual=0), ``repeat`` (the first run again).
-Each KG size gets the demo's training settings plus ``SIZE_SETTINGS`` (a larger KG has more
-steps per epoch, so it runs fewer epochs to stay within ~6 minutes of one CPU thread).
+Each run trains in one process with the demo's global batch (``train.batch_size`` x
+``train.num_workers``). Each KG size gets the demo's training settings plus
+``SIZE_SETTINGS`` (a larger KG has more steps per epoch, so it runs fewer epochs to stay
+within ~6 minutes of one CPU thread).
 Results go to ``results/learning_<entities>.json``. Targets (issue 10): test Hits@1 >= 0.60
 overall, head >= 0.50, tail >= 0.70; no-image ablation >= 0.30 lower overall.
 """
@@ -60,6 +62,8 @@ def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
         base = absolute_paths(load_config(DEMO, [f"run_dir={root / 'data'}", *sized,
                                                  *args.overrides]))
         run_stage("synth", base, show_progress=False)
+        # One process with the demo's global batch (its Ray workers x their batch each).
+        batch = f"train.batch_size={base.train.batch_size * base.train.num_workers}"
         kg = load_dataset(base)
         pack_images(kg, root / "data" / "shards", use_ray=False, show_progress=False)
         for i, name in enumerate(names):
@@ -67,12 +71,12 @@ def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
             cfg = absolute_paths(load_config(DEMO, [
                 f"run_dir={root / f'run{i}'}", "train.backend=local",
                 f"dataset.path={root / 'data' / 'data'}", "dataset.name=synth",
-                f"images.shard_dir={root / 'data' / 'shards'}", *sized,
+                f"images.shard_dir={root / 'data' / 'shards'}", *sized, batch,
                 *([f"train.max_minutes={args.minutes}"] if args.minutes else []), *extra,
                 *args.overrides]))
             summary = train_local(cfg, kg, show_progress=False)
             m = evaluate(cfg, kg, load_trained_context(cfg, kg))
-            results[name] = {"overrides": [*sized, *extra], "steps": summary["steps"],
+            results[name] = {"overrides": [*sized, batch, *extra], "steps": summary["steps"],
                              "train_seconds": summary["train_seconds"],
                              "seconds_per_step":
                                  summary["train_seconds"] / max(1, summary["steps"]),
