@@ -24,8 +24,10 @@ DEMO = REPO / "configs" / "demo.yaml"
 TOLERANCE = 1e-6  # CPU runs with fixed threads are deterministic; a resume is exact
 
 # The Ray config of the matrix: the tiny run on Ray (1 Train worker, 1 eval worker), several
-# shards, parts and checkpoints so that the N-th occurrence of a point falls mid-stage.
+# shards, parts and checkpoints so that the N-th occurrence of a point falls mid-stage; the
+# entity table (the demo encodes entities instead), so that the entity_init stage is in it.
 RAY_RUN = [
+    "model.entity_repr=table",
     "dataset.synth.num_entities=60", "dataset.synth.max_images=2", "dataset.synth.image_size=32",
     "images.max_images_per_entity=2", "images.max_shard_bytes=40000", "ray.data_batch_size=16",
     "ray.data_part_rows=16",

@@ -83,8 +83,9 @@ def hard_negatives(scores: Tensor, answers: Tensor, known: KnownAnswers | None, 
     """The ``count`` highest-scoring entities of each query that are neither its answer nor
     another known answer (``scores``: ``(B, E)``, no gradient needed), as negatives:
     ``(B, count)``, or with ``shared`` one set ``(1, <= count)`` for the whole batch (each
-    row's best first, rows taking turns, each entity once). Entities a row may not use
-    (-inf for every row) are never picked."""
+    row's best first, rows taking turns, each entity once; entities no row may use are never
+    picked). Per row, a row with fewer than ``count`` usable entities gets unusable ones too,
+    which the loss never counts as negatives (it masks answers and known answers)."""
     scores = scores.detach().float().clone()
     batch = torch.arange(scores.shape[0], device=scores.device)
     if known is not None:
