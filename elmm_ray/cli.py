@@ -314,7 +314,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     result = run_all(cfg)
-    overall = result["metrics"]["overall"]
+    metrics = result["metrics"]
+    overall = metrics["overall"]
     visual = ("all patch tokens" if cfg.model.uncompressed
               else f"{cfg.mvtc.n_visual + cfg.mvtc.n_text} MVTC")
     rows = [
@@ -323,6 +324,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("visual tokens per query", visual),
         ("MRR", f"{overall['mrr']:.4f}"),
         *[(f"Hits@{k}", f"{overall[f'hits@{k}']:.4f}") for k in cfg.eval.hits_at],
+        *[(f"Hits@{k} tail / head", f"{metrics['tail'][f'hits@{k}']:.4f} / "
+           f"{metrics['head'][f'hits@{k}']:.4f}") for k in cfg.eval.hits_at[:1]
+          if "tail" in metrics and "head" in metrics],
         ("train time", f"{result['train_seconds']:.1f} s"
          + (" (already trained: skipped)" if result["skipped_training"] else "")),
         ("exported model", RunLayout.of(cfg).display(result["export_dir"])),

@@ -29,7 +29,7 @@ def run_all(cfg: Config, show_progress: bool = True) -> dict:
     """Run the pipeline; returns the results table's figures and the time of each stage."""
     results = run_stages(pipeline_stages(cfg), cfg, show_progress=show_progress)
     train, evaluated = results["train"].manifest, results["eval"].manifest
-    metrics = {"overall": evaluated["overall"]}
+    metrics = {d: evaluated[d] for d in ("overall", "tail", "head") if d in evaluated}
     if "prune" in results:
         pruned = results["prune"].manifest
         metrics = {"overall": pruned["post_ft"], "unpruned": evaluated["overall"]}

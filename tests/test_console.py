@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,24 @@ def test_every_command_help_names_keys_of_the_schema(capsys):
         text = capsys.readouterr().out
         assert "elmm-ray config keys" in text, command
         assert all(k in text for k in keys), command
+
+
+def test_run_results_give_hits_at_1_per_direction(tmp_path, capsys, monkeypatch):
+    """`elmm-ray run` prints tail and head Hits@1 when the evaluation has them (not after
+    pruning, whose figures are of both directions together)."""
+    from elmm_ray import cli, pipeline
+
+    def figures(h1: float) -> dict:
+        return {"mrr": 0.5, "mr": 3.0, "hits@1": h1, "hits@3": 0.6, "hits@10": 0.9}
+
+    result = {"dataset": "synthetic", "parameters": 10, "export_dir": str(tmp_path / "export"),
+              "skipped_training": False, "timings": {"train": 1.0}, "train_seconds": 1.0,
+              "metrics": {"overall": figures(h1=0.25), "tail": figures(h1=0.3),
+                          "head": figures(h1=0.2)}}
+    monkeypatch.setattr(pipeline, "run_all", lambda cfg: result)
+    assert cli.main(["run", "configs/demo.yaml", f"run_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Hits@1 tail / head +0\.3000 / 0\.2000\n", out), out
+    result["metrics"] = {"overall": figures(h1=0.25), "unpruned": figures(h1=0.3)}
+    assert cli.main(["run", "configs/demo.yaml", f"run_dir={tmp_path}"]) == 0
+    assert "tail / head" not in capsys.readouterr().out

@@ -73,7 +73,8 @@ def run_eval(ctx: StageContext) -> dict:
         tracker.log_metrics(metrics, f"eval/{metrics['split']}")
         tracker.log_artifact(path, "eval")
     return {"split": metrics["split"], "metrics_file": str(path),
-            "overall": metrics["overall"], "num_queries": metrics["num_queries"]}
+            "overall": metrics["overall"], "num_queries": metrics["num_queries"],
+            **{d: metrics[d] for d in ("tail", "head") if d in metrics}}
 
 
 TRAIN = register(Stage(
