@@ -1,9 +1,11 @@
 """What the entity encoder (``model.entity_repr=encoder``) costs at paper scale, from FLOP
 counts: FB15k-237 (14,541 entities, 272,115 training triples, both directions),
-LLaVA-1.5-7B, 64 MVTC tokens over 10 images x 576 patch tokens. It prices one refresh of
-the entity cache (every entity encoded once, forward only), one training step (queries and
-their encoded candidates, forward + backward) and the feature bytes a refresh reads, and
-converts FLOPs into minutes on 8 x A100 at an assumed model-FLOP utilisation.
+LLaVA-1.5-7B, 64 MVTC tokens over 10 images x 576 patch tokens, 48 text tokens (the
+paper config's `model.max_text_tokens`), 16 queries per GPU (its `train.batch_size`). It
+prices one refresh of the entity cache (every entity encoded once, forward only), one
+training step (queries and their encoded candidates, forward + backward) and the feature
+bytes a refresh reads, and converts FLOPs into minutes on 8 x A100 at an assumed model-FLOP
+utilisation.
 
     python bench/bench_encoder_cost.py [--gpus 8] [--batch 32] [--negatives 16] [--mfu 0.4]
 
@@ -69,10 +71,12 @@ def estimate(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=32, help="queries per GPU and step")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="queries per GPU and step (the paper config's train.batch_size)")
     parser.add_argument("--negatives", type=int, default=16, help="train.num_negatives")
     parser.add_argument("--hard-negatives", type=int, default=0, help="train.hard_negatives")
-    parser.add_argument("--text-tokens", type=int, default=32, help="model.max_text_tokens")
+    parser.add_argument("--text-tokens", type=int, default=48,
+                        help="model.max_text_tokens (configs/fb15k237_llava7b.yaml: 48)")
     parser.add_argument("--relation-tokens", type=int, default=8)
     parser.add_argument("--backward-factor", type=float, default=3.0,
                         help="training FLOPs / forward FLOPs (3: full backward; LoRA ~2)")
