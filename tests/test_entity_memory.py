@@ -44,3 +44,29 @@ def test_ranking_batches_stay_within_the_score_budget():
     assert ranking_batch(14_541) == RANK_BATCH  # FB15k-237: 1,024 queries at once
     assert ranking_batch(40_943) == 409 and 409 * 40_943 <= SCORE_BUDGET  # WN18
     assert ranking_batch(10**9) == 1 and ranking_batch(0) == RANK_BATCH
+
+
+def test_shards_are_whole_batches_of_the_one_process_order():
+    """Every item in exactly one shard, in order; each shard's batches are batches of one
+    process (starts at multiples of the batch size); the ranks run equally many forwards
+    (real + dummy) and gather equally many rows."""
+    import pytest
+
+    from elmm_ray.eval.evaluate import aligned_ranking_batch, pad_rows, shard_of
+
+    for total in (0, 1, 7, 48, 50, 97):
+        for world in (1, 2, 3, 5):
+            for batch in (1, 4, 16, 64):
+                shards = [shard_of(total, r, world, batch) for r in range(world)]
+                assert [i for s in shards for i in range(s.start, s.stop)] == list(range(total))
+                assert all(s.start % batch == 0 or s.start == total for s in shards)
+                forwards = {-(-(s.stop - s.start) // batch) + s.pad_batches for s in shards}
+                assert len(forwards) == 1 and len({s.rows for s in shards}) == 1
+                assert all(s.rows >= s.stop - s.start for s in shards)
+    assert shard_of(48, 1, 2, 16) == shard_of(48, 1, 2, 16)
+    assert (shard_of(48, 1, 2, 16).start, shard_of(48, 1, 2, 16).pad_batches) == (32, 1)
+    with pytest.raises(ValueError, match="no shard"):
+        shard_of(10, 2, 2, 4)
+    assert pad_rows(torch.ones(2, 3), 4).tolist() == [[1.0] * 3] * 2 + [[0.0] * 3] * 2
+    assert aligned_ranking_batch(14_541, 64) == 64  # within the budget: the encoding batch
+    assert aligned_ranking_batch(40_943, 512) == 256  # 409 allowed: the largest divisor

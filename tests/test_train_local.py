@@ -68,9 +68,10 @@ def test_eval_cli_reproduces_training_figures(trained, capsys):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_evaluation_equals_one_process(trained, world):
-    """Validation split across ranks (each an equal, padded slice; ranks gathered) gives the
-    metrics of one process ranking every query. The ranks run here one after another: the
-    first pass records each rank's slice, the second hands every rank all of them."""
+    """Validation split across ranks (each whole batches of the one-process order, results
+    padded to equal size; ranks gathered) gives the metrics of one process ranking every
+    query, exactly: every query goes through the same batches. The ranks run here one after
+    another: the first pass records each rank's slice, the second hands every rank all."""
     import torch
 
     from elmm_ray.eval.evaluate import evaluate_model

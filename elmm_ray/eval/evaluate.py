@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,12 +68,42 @@ def select_queries(kg: KnowledgeGraph, split: str, max_queries: int, seed: int =
     return np.concatenate([queries[keep], queries[n + keep]])
 
 
-def shard_indices(total: int, rank: int, world: int) -> np.ndarray:
-    """Rank ``rank``'s equal slice of ``total`` items: contiguous, the last padded with the
-    final item, so every rank runs the same forwards (as ZeRO-3 needs) and the slices
-    concatenated in rank order, cut to ``total``, are the items in order."""
-    per_rank = -(-total // world) if total else 0
-    return np.arange(rank * per_rank, (rank + 1) * per_rank).clip(max=max(total - 1, 0))
+@dataclass(frozen=True)
+class Shard:
+    """One rank's part of ``total`` items processed in batches of ``batch_size``: whole
+    batches of the single-process order, contiguous (``start:stop``), so that every item
+    goes through a batch of the same rows as in one process (batch composition changes float
+    rounding: a row's result may depend on the rows beside it and the batch's padding). A rank
+    with fewer batches than ``batches`` (the most any rank has) runs ``pad_batches`` dummy
+    forwards, so that every rank runs the same forwards (as ZeRO-3 needs); its results are
+    padded to ``rows`` (equal on every rank, for an all-gather: the gathered rows cut to
+    ``total`` are the items in order)."""
+
+    start: int
+    stop: int
+    batches: int
+    pad_batches: int
+    rows: int
+
+
+def shard_of(total: int, rank: int, world: int, batch_size: int) -> Shard:
+    """Rank ``rank`` of ``world``'s :class:`Shard` of ``total`` items in batches of
+    ``batch_size``."""
+    if batch_size < 1 or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"no shard {rank} of {world} in batches of {batch_size}")
+    batches = -(-total // batch_size)
+    per_rank = -(-batches // world)  # whole batches per rank
+    start = min(total, rank * per_rank * batch_size)
+    stop = min(total, (rank + 1) * per_rank * batch_size)
+    mine = -(-(stop - start) // batch_size)
+    return Shard(start, stop, per_rank, per_rank - mine, per_rank * batch_size)
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` with zero rows appended up to ``rows`` (a shard's equal gather size)."""
+    if len(tensor) >= rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(rows - len(tensor), *tensor.shape[1:])])
 
 
 RANK_BATCH = 1024  # queries ranked at once ...
@@ -86,20 +117,42 @@ def ranking_batch(num_entities: int) -> int:
     return max(1, min(RANK_BATCH, SCORE_BUDGET // max(num_entities, 1)))
 
 
+def aligned_ranking_batch(num_entities: int, batch_size: int) -> int:
+    """Queries per ranking matrix product: the encoding batch ``batch_size``, or its largest
+    divisor within :func:`ranking_batch`'s score budget, so that ranking batches start where
+    encoding batches do in every :class:`Shard` (each query scored in a product of the same
+    rows as in one process)."""
+    budget = ranking_batch(num_entities)
+    if budget >= batch_size:
+        return batch_size
+    return max(d for d in range(1, budget + 1) if batch_size % d == 0)
+
+
 @torch.no_grad()
 def rank_shard(model: ELMM, collator: QueryCollator, features: FeatureBank,
                kg: KnowledgeGraph, queries: np.ndarray, batch_size: int,
-               shard: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, np.ndarray]:
-    """Filtered ranks and top-1 entities of this rank's slice of ``queries`` (the entity
-    cache, in encoder modes, must be fresh)."""
+               shard: tuple[int, int] = (0, 1), *,
+               pad_forwards: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Filtered ranks and top-1 entities of this rank's :class:`Shard` of ``queries`` (the
+    entity cache, in encoder modes, must be fresh); sharded (``world > 1``), zero-padded to
+    the shard's ``rows``, after the dummy forwards that keep the ranks in step
+    (``pad_forwards``: ZeRO-3; Ray's evaluation actors, each with a whole model, need none).
+    The figures of any sharding are those of one process, bit for bit."""
     rank, world = shard
-    part = queries[shard_indices(len(queries), rank, world)] if len(queries) else queries
-    vectors = encode_queries(model, collator, features, part, batch_size)
+    part = shard_of(len(queries), rank, world, batch_size)
+    mine = queries[part.start : part.stop]
+    vectors = encode_queries(model, collator, features, mine, batch_size)
+    if pad_forwards and len(queries):
+        for _ in range(part.pad_batches if world > 1 else 0):
+            encode_queries(model, collator, features, queries[:1], batch_size)
     table = model.entity_vectors().float()  # ranked on the model's device
-    result = rank_with_vectors(vectors.to(table.device), table, part, kg.filter_index(),
-                               batch_size=ranking_batch(len(table)), cosine=True,
-                               temperature=model.temperature)
-    return result.ranks, result.top1
+    result = rank_with_vectors(vectors.to(table.device), table, mine, kg.filter_index(),
+                               batch_size=aligned_ranking_batch(len(table), batch_size),
+                               cosine=True, temperature=model.temperature)
+    if world == 1:
+        return result.ranks, result.top1
+    pad = part.rows - len(mine)
+    return np.pad(result.ranks, (0, pad)), np.pad(result.top1, (0, pad))
 
 
 def metrics_of(kg: KnowledgeGraph, split: str, queries: np.ndarray, ranks: np.ndarray,
@@ -121,9 +174,9 @@ def evaluate_model(model: ELMM, collator: QueryCollator, features: FeatureBank,
     """Filtered ranking metrics of ``split`` (both directions) against every entity.
 
     ``shard=(rank, world)`` with ``all_gather`` (every rank's equally shaped tensor,
-    concatenated in rank order): each rank encodes and ranks an equal slice of the queries
-    (:func:`shard_indices`) and the ranks are gathered; every rank returns the metrics of
-    all queries. ``refresh=False``: the caller has refreshed the entity cache already."""
+    concatenated in rank order): each rank encodes and ranks its whole batches of the
+    one-process order (:func:`shard_of`) and the ranks are gathered; every rank returns the
+    metrics of all queries. ``refresh=False``: the caller has refreshed the entity cache already."""
     was_training = model.training
     model.eval()
     try:

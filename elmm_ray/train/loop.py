@@ -34,7 +34,7 @@ from elmm_ray.config import Config, config_from_dict
 from elmm_ray.console import LoopProgress
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model, shard_indices
+from elmm_ray.eval.evaluate import encode_all_entities, evaluate_model, pad_rows, shard_of
 from elmm_ray.faults import fault_point
 from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json, write_json_atomic
 from elmm_ray.models.lora import save_trainable
@@ -265,14 +265,18 @@ class RaySession:
 
 
 def refresh_entity_cache(ctx: ModelContext, batch_size: int, session) -> None:
-    """Re-encode every entity into the model's cache, sharded over the ranks: each encodes an
-    equal slice (the last padded, so every rank runs the same forwards, as ZeRO-3 needs),
-    then all gather."""
+    """Re-encode every entity into the model's cache, sharded over the ranks: each encodes its
+    whole batches of the one-process order (:func:`shard_of`; a rank with fewer runs dummy
+    forwards, so every rank runs the same forwards, as ZeRO-3 needs), then all gather: the
+    cache is the one process's at any world size."""
     model = ctx.model
     total = model.num_entities
-    ids = torch.from_numpy(shard_indices(total, session.rank, session.world))
-    mine = encode_all_entities(model, ctx.collator, ctx.features, batch_size, ids)
-    model.set_entity_cache(session.all_gather(mine)[:total])
+    part = shard_of(total, session.rank, session.world, batch_size)
+    mine = encode_all_entities(model, ctx.collator, ctx.features, batch_size,
+                               torch.arange(part.start, part.stop))
+    for _ in range(part.pad_batches):
+        encode_all_entities(model, ctx.collator, ctx.features, batch_size, torch.arange(1))
+    model.set_entity_cache(session.all_gather(pad_rows(mine, part.rows))[:total])
 
 
 def _rank_state_path(directory: str | Path, rank: int) -> Path:
@@ -538,7 +542,9 @@ class QueueProgress:
     second (validation rounds and the last step always), never blocking training."""
 
     def __init__(self, queue, interval_s: float = 1.0) -> None:
-        self.queue, self.interval_s, self.last = queue, interval_s, 0.0
+        # The first record always passes (perf_counter's origin is arbitrary: on a machine
+        # booted minutes ago it is small, and a last time of 0 would throttle it).
+        self.queue, self.interval_s, self.last = queue, interval_s, float("-inf")
 
     def __call__(self, record: dict) -> None:
         now = time.perf_counter()

@@ -12,7 +12,13 @@ import torch
 from elmm_ray.config import Config, config_from_dict, config_to_dict
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.eval.evaluate import encode_all_entities, metrics_of, rank_shard, select_queries
+from elmm_ray.eval.evaluate import (
+    encode_all_entities,
+    metrics_of,
+    rank_shard,
+    select_queries,
+    shard_of,
+)
 from elmm_ray.faults import fault_point
 from elmm_ray.layout import RunLayout
 from elmm_ray.ray_session import init_ray
@@ -41,16 +47,16 @@ class _EvalWorker:
             self.model.to("cuda")
 
     def encode_slice(self, rank: int, world: int) -> torch.Tensor | None:
-        """Rank ``rank``'s contiguous slice of every entity's encoding (None: the model
-        keeps a table, nothing to encode)."""
+        """Rank ``rank``'s contiguous slice of every entity's encoding, in the batches one
+        process would encode (:func:`shard_of`), so the gathered table is bit for bit one
+        process's (None: the model keeps a table, nothing to encode)."""
         if not self.model.encodes_entities:
             return None
-        num = self.model.num_entities
-        per = -(-num // world)
+        part = shard_of(self.model.num_entities, rank, world, self.cfg.eval.batch_size)
         with torch.no_grad():
             return encode_all_entities(self.model, self.ctx.collator, self.ctx.features,
                                        self.cfg.eval.batch_size,
-                                       ids=torch.arange(rank * per, min(num, (rank + 1) * per)))
+                                       ids=torch.arange(part.start, part.stop))
 
     def rank_slice(self, table: torch.Tensor | None, split: str, rank: int, world: int) -> dict:
         """Rank this worker's slice of ``split``'s queries (``table``: every entity's encoding,
@@ -60,7 +66,8 @@ class _EvalWorker:
         with torch.no_grad():
             queries = select_queries(self.kg, split, self.cfg.eval.max_queries or 0)
             ranks, top1 = rank_shard(self.model, self.ctx.collator, self.ctx.features, self.kg,
-                                     queries, self.cfg.eval.batch_size, (rank, world))
+                                     queries, self.cfg.eval.batch_size, (rank, world),
+                                     pad_forwards=False)
         fault_point("eval.rank")
         return {"rank": rank, "ranks": ranks, "top1": top1}
 
