@@ -1,7 +1,8 @@
 """What the entity encoder (``model.entity_repr=encoder``) costs at paper scale, from FLOP
 counts: FB15k-237 (14,541 entities, 272,115 training triples, both directions),
 LLaVA-1.5-7B, 64 MVTC tokens over 10 images x 576 patch tokens, 48 text tokens (the
-paper config's `model.max_text_tokens`), 16 queries per GPU (its `train.batch_size`). It
+paper config's `model.max_text_tokens`), 16 queries per GPU (its
+`train.global_batch_size` of 128 over 8 GPUs). It
 prices one refresh of the entity cache (every entity encoded once, forward only), one
 training step (queries and their encoded candidates, forward + backward) and the feature
 bytes a refresh reads, and converts FLOPs into minutes on 8 x A100 at an assumed model-FLOP
@@ -72,7 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16,
-                        help="queries per GPU and step (the paper config's train.batch_size)")
+                        help="queries per GPU and step (the paper config's "
+                        "train.global_batch_size / 8)")
     parser.add_argument("--negatives", type=int, default=16, help="train.num_negatives")
     parser.add_argument("--hard-negatives", type=int, default=0, help="train.hard_negatives")
     parser.add_argument("--text-tokens", type=int, default=48,

@@ -62,8 +62,8 @@ def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
         base = absolute_paths(load_config(DEMO, [f"run_dir={root / 'data'}", *sized,
                                                  *args.overrides]))
         run_stage("synth", base, show_progress=False)
-        # One process with the demo's global batch (its Ray workers x their batch each).
-        batch = f"train.batch_size={base.train.batch_size * base.train.num_workers}"
+        # One process with the demo's global batch (the same objective as its Ray workers).
+        batch = f"train.global_batch_size={base.train.global_batch_size}"
         kg = load_dataset(base)
         pack_images(kg, root / "data" / "shards", use_ray=False, show_progress=False)
         for i, name in enumerate(names):

@@ -136,7 +136,7 @@ def bench_config(args: argparse.Namespace):
         f"model.llm_hidden={args.hidden}", f"model.llm_layers={args.layers}",
         f"model.llm_heads={args.heads}", f"model.llm_kv_heads={args.kv_heads}",
         f"model.llm_intermediate={args.intermediate}",
-        f"train.max_steps={args.train_steps}", "train.epochs=100", "train.batch_size=32",
+        f"train.max_steps={args.train_steps}", "train.epochs=100", "train.global_batch_size=32",
         "train.eval_every=null", "train.val_max_queries=200", "train.warmup_steps=20",
         "eval.split=test", f"prune.finetune_steps={args.finetune_steps}",
         f"prune.steps={args.prune_steps}", f"prune.finetune_lr={args.finetune_lr}",

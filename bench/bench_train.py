@@ -63,14 +63,14 @@ def main() -> None:
         kg = load_dataset(data_cfg)
         pack_images(kg, root / "data" / "shards", use_ray=False)
         steps = [f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
-                 "train.val_max_queries=50", "train.batch_size=16"]
+                 "train.val_max_queries=50"]
         for workers in (1, 2):
             results[f"workers_{workers}"] = _train(
                 root, f"w{workers}", root / "data", *steps, f"train.num_workers={workers}")
         full_ft = ["lora.enabled=false", "model.llm_hidden=256", "model.llm_layers=4",
                    "model.llm_intermediate=1024", "model.llm_heads=8", "model.llm_kv_heads=8",
                    "train.max_steps=4", "train.eval_every=4", "train.val_max_queries=10",
-                   "train.batch_size=8", "train.num_workers=2"]
+                   "train.global_batch_size=16", "train.num_workers=2"]
         for stage in (2, 3):
             results[f"zero{stage}"] = _train(root, f"z{stage}", root / "data", *full_ft,
                                              f"deepspeed.zero_stage={stage}")

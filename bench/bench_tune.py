@@ -33,7 +33,7 @@ DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 TINY = [
     "model.preset=tiny-test", "dataset.synth.num_entities=120", "dataset.synth.max_images=2",
     "dataset.synth.image_size=32", "images.max_images_per_entity=2", "mvtc.heads=2",
-    "train.epochs=3", "train.batch_size=16", "train.num_negatives=8",
+    "train.epochs=3", "train.global_batch_size=16", "train.num_negatives=8",
     "train.val_max_queries=40", "eval.batch_size=64", "tune.latency_repeats=3",
 ]
 N_VISUAL = [2, 4, 8, 16, 32, 64]

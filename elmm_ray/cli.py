@@ -342,7 +342,7 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "run": ("run_dir", "dataset.name", "dataset.path", "model.preset", "model.backbone",
             "mvtc.n_visual", "mvtc.n_text", "train.backend", "train.epochs",
             "train.num_workers", "train.use_gpu", "prune.method", "prune.ratio"),
-    "train": ("train.backend", "train.epochs", "train.max_steps", "train.batch_size",
+    "train": ("train.backend", "train.epochs", "train.max_steps", "train.global_batch_size",
               "train.learning_rate", "train.num_negatives", "train.knowledge_weight",
               "train.num_workers", "train.use_gpu", "deepspeed.zero_stage", "lora.r",
               "model.entity_repr", "train.loggers"),

@@ -254,6 +254,9 @@ class LoopProgress:
         self.progress: StageProgress | None = None
 
     def __call__(self, record: dict) -> None:
+        if "event" in record:  # a line of its own (e.g. a resumed run)
+            say(self.stage, record["text"], enabled=self.enabled)
+            return
         if not self.enabled:
             return
         if self.progress is None:

@@ -90,15 +90,36 @@ def config_values(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def fingerprint(cfg: Config, keys: Iterable[str], inputs: Mapping[str, str] | None = None,
-                exclude: Iterable[str] = ()) -> str:
-    """Hash of the config values at ``keys`` (minus the dotted ``exclude`` keys, e.g. test
-    hooks that do not change a result) and the fingerprints of the stage's ``inputs``."""
+def fingerprint_values(cfg: Config, keys: Iterable[str], exclude: Iterable[str] = ()) -> dict:
+    """The config values at ``keys`` minus the dotted ``exclude`` keys (e.g. test hooks and
+    worker counts, which do not change a result): what a stage's fingerprint hashes."""
     values = config_values(cfg, keys)
     for key in exclude:
         section, _, leaf = key.rpartition(".")
         if section in values and isinstance(values[section], dict):
             values[section] = {k: v for k, v in values[section].items() if k != leaf}
+    return values
+
+
+def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` of every leaf that differs between two nested
+    mappings of config values."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += changed_keys(a, b, f"{name}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True,
+                                                                      default=str):
+            out.append((name, a, b))
+    return out
+
+
+def fingerprint(cfg: Config, keys: Iterable[str], inputs: Mapping[str, str] | None = None,
+                exclude: Iterable[str] = ()) -> str:
+    """Hash of the config values at ``keys`` (minus the dotted ``exclude`` keys, e.g. test
+    hooks that do not change a result) and the fingerprints of the stage's ``inputs``."""
+    values = fingerprint_values(cfg, keys, exclude)
     blob = json.dumps({"config": values, "inputs": dict(sorted((inputs or {}).items()))},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -33,7 +33,7 @@ RAY_RUN = [
     "ray.data_part_rows=16",
     "model.preset=tiny-test", "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
     "train.backend=ray", "train.num_workers=1", "train.cpus_per_worker=1", "train.epochs=2",
-    "train.batch_size=16", "train.learning_rate=0.003", "train.num_negatives=8",
+    "train.global_batch_size=16", "train.learning_rate=0.003", "train.num_negatives=8",
     "train.eval_every=8", "eval.batch_size=64", "prune.method=magnitude", "prune.finetune_steps=6",
 ]
 # Stages each stage's case starts after (copied from the uninterrupted run), and what it runs.

@@ -24,7 +24,30 @@ from elmm_ray.eval.evaluate import encode_queries, refresh_entity_cache, select_
 # the float64 scores here, added to the measured difference of the two models.
 FLOAT32_SLACK = 1e-4
 
-__all__ = ["RankBounds", "assert_metrics_within_score_noise", "query_scores"]
+__all__ = ["RankBounds", "assert_metrics_within_score_noise", "assert_weights_match",
+           "query_scores"]
+
+# Two trainings that agree to float rounding: the mean absolute weight difference stays at
+# float noise (measured: ~1e-6 after the tiny runs' 46 steps) ...
+MEAN_WEIGHT_TOLERANCE = 1e-5
+
+
+def assert_weights_match(a: dict, b: dict, learning_rate: float) -> dict:
+    """Trained weights of two computation paths (one process and N workers, two CPUs): the
+    bulk agrees to float noise (mean |difference| <= MEAN_WEIGHT_TOLERANCE) and no element
+    is more than half an AdamW step (``learning_rate / 2``) apart. The second bound is not
+    float noise: AdamW divides each gradient by its own running magnitude, so a parameter
+    whose gradient is zero up to rounding (an attention key bias, to which the softmax is
+    invariant, or a norm bias feeding it: measured 5e-4 apart at lr 3e-3 in the tiny
+    encoder run) moves by a normalised rounding noise of up to the learning rate per step.
+    Returns the figures."""
+    assert a.keys() == b.keys()
+    diffs = {k: (a[k].float() - b[k].float()).abs() for k in a}
+    worst = max(d.max().item() for d in diffs.values())
+    mean = sum(d.sum().item() for d in diffs.values()) / sum(d.numel() for d in diffs.values())
+    assert mean <= MEAN_WEIGHT_TOLERANCE, f"mean weight difference {mean}"
+    assert worst <= learning_rate / 2, f"largest weight difference {worst} (lr {learning_rate})"
+    return {"mean": mean, "max": worst}
 
 
 def query_scores(ctx, kg, split: str, max_queries: int = 0, batch_size: int = 64):

@@ -38,21 +38,48 @@ def test_merge_order_yaml_then_overrides(tmp_path):
     assert cfg.train.epochs == 5  # override wins over YAML
     assert cfg.train.learning_rate == 0.01  # YAML wins over default
     assert cfg.mvtc.n_text == 4 and cfg.mvtc.n_visual == 0
-    assert cfg.train.batch_size == Config().train.batch_size  # default kept
+    assert cfg.train.global_batch_size == Config().train.global_batch_size  # default kept
 
 
 def test_every_problem_is_listed_with_key_value_and_rule():
     with pytest.raises(ConfigError) as info:
         build_config(overrides=["train.lerning_rate=1", "model.dtype=fp8",
-                                "train.batch_size=0", "train.epochs=x", "nosuch.section=1"])
+                                "train.global_batch_size=0", "train.epochs=x", "nosuch.section=1"])
     err = info.value
     assert len(err.problems) == 5
     text = str(err)
     assert "train.lerning_rate" in text and "did you mean `train.learning_rate`" in text
     assert "`model.dtype` = 'fp8'" in text and "'float32'" in text
-    assert "`train.batch_size` = 0" in text and ">= 1" in text
+    assert "`train.global_batch_size` = 0" in text and ">= 1" in text
     assert "`train.epochs` = 'x'" in text and "integer" in text
     assert "unknown key `nosuch`" in text
+
+
+def test_global_batch_and_worker_ranges():
+    """The batch is global (the retired per-worker key says what replaced it); workers are N
+    or an elastic [MIN, MAX]; a micro-step must give every worker a query."""
+    from elmm_ray.config import max_workers, min_workers
+
+    with pytest.raises(ConfigError, match=r"`train.batch_size` is retired.*global_batch_size"):
+        build_config(overrides=["train.batch_size=16"])
+    cfg = build_config(overrides=["train.num_workers=[1, 3]", "train.global_batch_size=12",
+                                  "train.grad_accum=2"])
+    assert cfg.train.num_workers == (1, 3)
+    assert (min_workers(cfg.train), max_workers(cfg.train)) == (1, 3)
+    assert build_config(overrides=["train.num_workers=[2, 2]"]).train.num_workers == 2
+    assert config_from_dict(config_to_dict(cfg)) == cfg  # a range survives the round trip
+    for bad, message in (("train.num_workers=[3, 1]", "1 <= MIN <= MAX"),
+                         ("train.num_workers=[0, 2]", "1 <= MIN <= MAX"),
+                         ("train.num_workers=0", "at least 1"),
+                         ("train.num_workers=[1, 2, 3]", "N or an elastic range"),
+                         ("train.num_workers=true", "N or an elastic range")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            build_config(overrides=[bad])
+    with pytest.raises(ConfigError, match="not a multiple of `train.grad_accum`"):
+        build_config(overrides=["train.global_batch_size=10", "train.grad_accum=3"])
+    with pytest.raises(ConfigError, match="cannot feed 4 workers"):
+        build_config(overrides=["train.global_batch_size=6", "train.grad_accum=2",
+                                "train.num_workers=[1, 4]"])
 
 
 def test_cross_field_rules():

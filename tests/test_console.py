@@ -112,7 +112,7 @@ def test_run_through_a_pipe_is_short_and_clean(tmp_path):
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", ELMM_PROGRESS_INTERVAL="15")
     args = ["run", str(REPO / "configs/demo.yaml"), f"run_dir={run_dir}", *TINY_DATA,
             *TINY_MODEL, "train.backend=ray", "train.num_workers=1", "train.cpus_per_worker=1",
-            "train.epochs=1", "train.batch_size=16", "ray.num_cpus=2",
+            "train.epochs=1", "train.global_batch_size=16", "ray.num_cpus=2",
             "prune.method=magnitude", "prune.ratio=0.3", "prune.steps=2",
             "prune.finetune_steps=2", "prune.calib_samples=8"]
     cmd = [sys.executable, "-c", "import os, sys; os.environ['ELMM_ORCHESTRATOR_PID'] = "

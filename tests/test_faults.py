@@ -73,7 +73,7 @@ def test_compare_counts_lost_and_duplicated_rows():
 
 LOCAL = ["dataset.name=db15k-tiny", f"dataset.path={fm.REPO / 'tests/data/mygo_db15k_tiny'}",
          "model.preset=tiny-test", "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
-         "train.backend=local", "train.batch_size=16", "train.learning_rate=0.003",
+         "train.backend=local", "train.global_batch_size=16", "train.learning_rate=0.003",
          "train.num_negatives=8", "eval.batch_size=64", "train.epochs=1",
          "images.max_images_per_entity=1"]
 

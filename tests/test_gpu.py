@@ -110,7 +110,7 @@ def _history(cfg) -> list[dict]:
 
 def _batch(cfg, kg) -> torch.Tensor:
     queries = kg.queries("train", cfg.train.both_directions)
-    return next(iter(QueryBatches(queries, cfg.train.batch_size, cfg.train.seed)))[2]
+    return next(iter(QueryBatches(queries, cfg.train.global_batch_size, cfg.train.seed)))[2][0]
 
 
 def _loss(model, ctx, cfg, kg, batch):

@@ -602,3 +602,76 @@ def test_a_refreshed_cache_equals_a_fresh_encoding(tokenizer, collator):
             torch.testing.assert_close(model.entity_vectors(), expected, atol=1e-6, rtol=1e-5)
         ids = torch.tensor([4, 1])
         torch.testing.assert_close(model.entity_vectors(ids), model.entity_vectors()[ids])
+
+
+class _SimulatedRank:
+    """Rank ``rank`` of ``world`` run in this process after the others: ``gather_rows`` hands
+    back the other ranks' rows that an earlier pass recorded in ``book`` (values, as an
+    all-gather does) and this rank's own rows with their gradient; ``all_sum`` likewise."""
+
+    def __init__(self, rank: int, world: int, book: dict) -> None:
+        self.rank, self.world, self.book, self.calls = rank, world, book, 0
+
+    def _collect(self, value):
+        key, self.calls = self.calls, self.calls + 1
+        self.book.setdefault(key, {})[self.rank] = value
+        return self.book[key]
+
+    def gather_rows(self, local, counts):
+        parts = self._collect(local.detach().clone())
+        return torch.cat([local if r == self.rank else
+                          parts.get(r, local.new_zeros(counts[r], *local.shape[1:]))
+                          for r in range(self.world)])
+
+    def all_sum(self, value):
+        return float(sum(self._collect(value).values()))
+
+
+@pytest.mark.parametrize("entity_repr", ["table", "encoder"])
+def test_the_loss_of_a_global_batch_is_the_same_on_1_2_and_3_ranks(tokenizer, collator,
+                                                                    entity_repr):
+    """One objective at every world size: the global batch's loss (in-batch answers, sampled
+    and hard negatives of the whole batch, L_knowledge) and its gradient, as data parallelism
+    averages the ranks' gradients, equal one process's to float rounding (the ranks encode
+    different slices; each encoding has its gradient on one rank)."""
+    from elmm_ray.data.image_features import FeatureBank
+    from elmm_ray.data.kg import FilterIndex
+    from elmm_ray.train.step import compute_loss
+
+    torch.manual_seed(0)
+    model = make_model(tokenizer, entity_repr=entity_repr)
+    apply_lora(model, r=4, alpha=8, dropout=0.0, target_regex=LORA_REGEX)
+    model.train()
+    bank = FeatureBank(random_features(len(ENTITY_TEXTS), 2, model),
+                       torch.ones(len(ENTITY_TEXTS), 2, dtype=torch.bool))
+    if model.encodes_entities:
+        model.set_entity_cache(torch.randn(len(ENTITY_TEXTS), model.embed_dim))
+    queries = torch.tensor([[0, 0, 1], [3, 1, 4], [2, 0, 5], [5, 1, 2], [4, 0, 0]])
+    known = FilterIndex(np.array([[0, 0, 1], [3, 1, 4], [2, 0, 5], [5, 1, 2], [4, 0, 0],
+                                  [0, 0, 2]]), NUM_RELATIONS)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(group=None):
+        model.zero_grad(set_to_none=True)
+        parts = compute_loss(model, collator, bank, queries, known, num_negatives=3,
+                             num_hard_negatives=2, knowledge_weight=0.5, group=group,
+                             generator=torch.Generator().manual_seed(7))
+        parts.loss.backward()
+        return parts, [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                       for p in params]
+
+    one, grads_one = run()
+    assert one.knowledge > 0 and one.task > 0
+    for world in (2, 3):
+        book: dict = {}
+        for rank in range(world):  # the first pass records every rank's rows
+            run(_SimulatedRank(rank, world, book))
+        averaged = [torch.zeros_like(g) for g in grads_one]
+        for rank in range(world):
+            parts, grads = run(_SimulatedRank(rank, world, book))
+            assert parts.value == pytest.approx(one.value, rel=1e-5)
+            assert parts.knowledge == pytest.approx(one.knowledge, rel=1e-5)
+            averaged = [a + g / world for a, g in zip(averaged, grads, strict=True)]
+        scale = max(g.abs().max().item() for g in grads_one)
+        worst = max((a - g).abs().max().item() for a, g in zip(averaged, grads_one, strict=True))
+        assert worst <= 1e-5 * scale, (world, worst, scale)

@@ -452,7 +452,7 @@ def test_run_prune_stage_prunes_finetunes_saves_and_reloads(tmp_path):
         "images.max_images_per_entity=0", "model.llm_hidden=32", "model.llm_layers=2",
         "model.llm_heads=4", "model.llm_kv_heads=2", "model.llm_intermediate=64",
         "model.vision_hidden=32", "model.vocab_size=300", "mvtc.n_visual=2", "mvtc.n_text=2",
-        "train.max_steps=4", "train.batch_size=16", "train.val_max_queries=10",
+        "train.max_steps=4", "train.global_batch_size=16", "train.val_max_queries=10",
         "prune.method=knowledge", "prune.ratio=0.3", "prune.steps=2", "prune.finetune_steps=2",
         "prune.calib_samples=8", "prune.min_neurons_per_layer=4",
     ]

@@ -61,6 +61,33 @@ def test_upstream_first_skip_when_complete_rerun_what_changed(tmp_path, toy_stag
     assert toy_stages == {"toy_a": 3, "toy_b": 4}
 
 
+def test_a_stage_that_runs_again_says_which_keys_changed(tmp_path, toy_stages, capsys):
+    """Never a silent restart: the console names the changed keys (or the changed inputs);
+    the worker count and GPUs are not part of the training run's identity."""
+    from elmm_ray.stages.base import stage_fingerprint
+
+    cfg = absolute_paths(load_config(None, [f"run_dir={tmp_path}"]))
+    run_stages(["toy_b"], cfg)
+    capsys.readouterr()
+    other = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, batch_size=8))
+    run_stages(["toy_b"], other)
+    out = capsys.readouterr().out
+    assert "[toy_b] runs again: changed since its last run (eval.batch_size: 256 -> 8)" in out
+    assert "[toy_a] complete" in out and "[toy_a] runs again" not in out
+    run_stages(["toy_b"], dataclasses.replace(other, seed=3))
+    out = capsys.readouterr().out
+    assert "[toy_a] runs again: changed since its last run (seed: 0 -> 3)" in out
+    assert "[toy_b] runs again: its inputs changed since its last run" in out
+    demo = load_config("configs/demo.yaml")
+    moved = dataclasses.replace(demo, train=dataclasses.replace(
+        demo.train, num_workers=(1, 4), use_gpu=True, threads_per_worker=3))
+    digests = {"extract": "x", "entity_init": "y", "pack": "z"}
+    assert stage_fingerprint("train", demo, digests) == stage_fingerprint("train", moved, digests)
+    longer = dataclasses.replace(demo, train=dataclasses.replace(demo.train, epochs=9))
+    assert stage_fingerprint("train", demo, digests) != stage_fingerprint("train", longer,
+                                                                          digests)
+
+
 def test_every_pipeline_stage_is_registered_with_what_it_reads():
     cfg = load_config("configs/demo.yaml")
     # The demo's entity vectors are encodings (model.entity_repr=encoder): no entity table

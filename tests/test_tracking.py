@@ -25,12 +25,12 @@ from elmm_ray.train.loop import (
     LocalSession,
     LoopSpec,
     TorchEngine,
+    optimizer_steps_per_epoch,
     prepare_context,
     run_loop,
     total_steps,
     train_local,
 )
-from elmm_ray.train.step import QueryBatches
 from tests.tiny import TINY as TINY_BASE
 
 pytestmark = pytest.mark.timeout(300)
@@ -106,7 +106,7 @@ class KilledAfterFirstReport(LocalSession):
 def _loop(cfg, kg, session):
     ctx = prepare_context(cfg, kg, LoopSpec())
     queries = kg.queries("train", cfg.train.both_directions)
-    steps = total_steps(cfg, QueryBatches(queries, cfg.train.batch_size, 0).steps_per_epoch)
+    steps = total_steps(cfg, optimizer_steps_per_epoch(cfg, queries))
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     out = RunLayout.of(cfg).path("train")
     return run_loop(cfg, kg, ctx, queries, TorchEngine(params, cfg, steps), session, out)

@@ -100,3 +100,28 @@ def test_sharded_evaluation_equals_one_process(trained, world):
         for key, value in whole["overall"].items():
             assert sharded["overall"][key] == pytest.approx(value, abs=1e-9), key
         assert sharded["head"] == pytest.approx(whole["head"])
+
+
+def test_the_schedule_counts_optimizer_steps_with_accumulation():
+    """train.grad_accum > 1: the local engine steps the optimizer and the learning-rate
+    schedule once per accumulation, as DeepSpeed does (the schedule's length is in optimizer
+    steps on both engines)."""
+    import torch
+
+    from elmm_ray.config import build_config
+    from elmm_ray.train.loop import TorchEngine
+
+    cfg = build_config(overrides=["train.grad_accum=2", "train.warmup_steps=4",
+                                  "train.learning_rate=0.01"])
+    weight = torch.nn.Parameter(torch.ones(3))
+    engine = TorchEngine([weight], cfg, steps=10)
+    lrs, values = [], []
+    for _ in range(6):  # 3 optimizer steps
+        engine.backward((weight ** 2).sum())
+        engine.step()
+        lrs.append(engine.lr)
+        values.append(weight.detach().clone())
+    # warm-up of 4 optimizer steps: lr x 1/4 until the first optimizer step, then 2/4, ...
+    assert lrs == pytest.approx([0.0025, 0.005, 0.005, 0.0075, 0.0075, 0.01])
+    assert torch.equal(values[0], torch.ones(3))  # no step after the first micro-step
+    assert not torch.equal(values[1], values[0]) and torch.equal(values[2], values[1])

@@ -15,7 +15,7 @@ TINY_MODEL = [
     "model.entity_repr=table",
 ]
 TINY_LOCAL_TRAIN = [
-    "train.backend=local", "train.batch_size=16", "train.learning_rate=0.003",
+    "train.backend=local", "train.global_batch_size=16", "train.learning_rate=0.003",
     "train.num_negatives=8", "eval.batch_size=64",
 ]
 TINY = [*TINY_DATA, *TINY_MODEL, *TINY_LOCAL_TRAIN]

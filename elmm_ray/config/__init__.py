@@ -29,6 +29,9 @@ from elmm_ray.config.schema import (
     SynthConfig,
     TrainConfig,
     TuneConfig,
+    max_workers,
+    min_workers,
+    worker_range,
 )
 
 __all__ = [
@@ -36,5 +39,6 @@ __all__ = [
     "ExportConfig", "ImagesConfig", "KeyInfo", "LoraConfig", "MVTCConfig", "ModelConfig",
     "PruneConfig", "RayConfig", "SynthConfig", "TrainConfig", "TuneConfig", "all_keys",
     "build_config", "config_from_dict", "config_hash", "config_to_dict", "dump_config",
-    "format_keys", "json_schema", "key_info", "load_config", "parse_overrides", "read_yaml",
+    "format_keys", "json_schema", "key_info", "load_config", "max_workers", "min_workers",
+    "parse_overrides", "read_yaml", "worker_range",
 ]

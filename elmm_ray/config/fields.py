@@ -32,6 +32,34 @@ Str = Annotated[str, Strict()]
 OptStr = Annotated[Annotated[str, Strict()] | None, BeforeValidator(_empty_to_none)]
 
 
+def _worker_count(value: Any) -> Any:
+    """``N`` or ``[MIN, MAX]`` (an elastic range; ``[N, N]`` is ``N``)."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if whole(value):
+        if value < 1:
+            raise PydanticCustomError(RULE_ERROR, "{message}", {
+                "message": f"`train.num_workers` = {value}: give at least 1 worker",
+                "problems": [f"`train.num_workers` = {value}: give at least 1 worker"]})
+        return value
+    if isinstance(value, list | tuple) and len(value) == 2 and all(whole(v) for v in value):
+        low, high = value
+        if not 1 <= low <= high:
+            message = (f"`train.num_workers` = {list(value)}: an elastic range [MIN, MAX] "
+                       "needs 1 <= MIN <= MAX")
+            raise PydanticCustomError(RULE_ERROR, "{message}",
+                                      {"message": message, "problems": [message]})
+        return low if low == high else (low, high)
+    message = (f"`train.num_workers` = {value!r}: give a worker count N or an elastic range "
+               "[MIN, MAX]")
+    raise PydanticCustomError(RULE_ERROR, "{message}", {"message": message, "problems": [message]})
+
+
+# Ray Train workers: a count, or an elastic (MIN, MAX) range.
+WorkerCount = Annotated[int | tuple[int, int], BeforeValidator(_worker_count)]
+
+
 def _raise_problems(problems: list[str]) -> None:
     if problems:
         raise PydanticCustomError(RULE_ERROR, "{message}",

@@ -118,6 +118,14 @@ def _dotted(loc: tuple) -> str:
     return out
 
 
+# Keys a config may still carry from an older version: what replaced them.
+RETIRED_KEYS = {
+    "train.batch_size": "it was per worker, so the objective changed with the worker count; "
+    "give `train.global_batch_size` (queries per optimizer step over all workers: the old "
+    "batch_size x num_workers x grad_accum)",
+}
+
+
 def _problem(err: dict) -> list[str]:
     """One pydantic error -> our message(s)."""
     kind, loc, value = err["type"], err["loc"], err.get("input")
@@ -130,6 +138,8 @@ def _problem(err: dict) -> list[str]:
         where = ".".join(str(p) for p in loc[:-1])
         return [f"key {loc[-1]!r}{f' in `{where}`' if where else ''} is not a name"]
     if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        if key in RETIRED_KEYS:
+            return [f"`{key}` is retired: {RETIRED_KEYS[key]}"]
         prefix = ".".join(str(p) for p in loc[:-1])
         cls = section_class(prefix)
         known = sorted(cls.__pydantic_fields__) if cls else []

@@ -27,6 +27,7 @@ from elmm_ray.config.fields import (
     Int,
     OptStr,
     Str,
+    WorkerCount,
     _no_bool,
     _raise_problems,
 )
@@ -162,6 +163,22 @@ class LoraConfig:
     )
 
 
+def worker_range(train: TrainConfig) -> tuple[int, int]:
+    """``train.num_workers`` as (MIN, MAX): equal for a fixed count."""
+    count = train.num_workers
+    return (count, count) if isinstance(count, int) else (int(count[0]), int(count[1]))
+
+
+def max_workers(train: TrainConfig) -> int:
+    """The most Ray Train workers a run of ``train`` may have."""
+    return worker_range(train)[1]
+
+
+def min_workers(train: TrainConfig) -> int:
+    """The fewest Ray Train workers a run of ``train`` goes on with."""
+    return worker_range(train)[0]
+
+
 @dataclass(config=SECTION)
 class TrainConfig:
     """Training: schedule, loss, validation, Ray Train workers and fault tolerance."""
@@ -174,8 +191,15 @@ class TrainConfig:
     max_minutes: Float | None = Field(
         None, description="stop after this many minutes (null = no limit)", gt=0
     )
-    batch_size: Int = Field(32, description="triples per micro-batch per worker", ge=1)
-    grad_accum: Int = Field(1, description="gradient accumulation steps", ge=1)
+    global_batch_size: Int = Field(
+        64, description="training queries per optimizer step, over all workers: the objective "
+        "(in-batch answers and sampled/hard negatives are those of the whole batch) is the same "
+        "at any worker count; each worker encodes about global_batch_size / (grad_accum x "
+        "workers) queries per micro-step", ge=1)
+    grad_accum: Int = Field(
+        1, description="micro-steps per optimizer step: the global batch is split into this "
+        "many contrastive batches of global_batch_size / grad_accum queries (in-batch "
+        "negatives come from one micro-step), whose gradients add up", ge=1)
     learning_rate: Float = Field(1e-3, description="peak learning rate", gt=0)
     weight_decay: Float = Field(0.0, description="AdamW weight decay", ge=0)
     warmup_steps: Int = Field(0, description="linear warm-up steps", ge=0)
@@ -208,7 +232,11 @@ class TrainConfig:
         500, description="validation queries per evaluation (null = all)", ge=1
     )
     seed: Int = Field(0, description="training seed")
-    num_workers: Int = Field(2, description="Ray Train workers", ge=1)
+    num_workers: WorkerCount = Field(
+        2, description="Ray Train workers: N, or [MIN, MAX] for an elastic run (it starts with "
+        "what the cluster can give, at least MIN, and grows to MAX as nodes join; a lost node "
+        "resumes on the workers left); not part of the run's identity: a checkpoint resumes "
+        "at any worker count")
     use_gpu: Bool = Field(False, description="one GPU per worker")
     cpus_per_worker: Float = Field(0.9, description="CPUs reserved per Ray Train worker", gt=0)
     threads_per_worker: Int = Field(
@@ -217,6 +245,14 @@ class TrainConfig:
     max_failures: Int = Field(
         2, description="worker failures tolerated (restart from last checkpoint)", ge=0
     )
+    max_preemptions: Int = Field(
+        -1, description="node preemptions tolerated (spot reclaims, drained nodes; counted "
+        "apart from max_failures; -1 = no limit): each resumes from the just-in-time "
+        "checkpoint written when the node's drain was announced", ge=-1)
+    resize_interval_s: Float = Field(
+        60.0, description="elastic runs (num_workers [MIN, MAX]): how often Ray Train checks "
+        "whether more workers can start; the run grows by restarting from its latest "
+        "checkpoint", ge=0)
     checkpoints_to_keep: Int = Field(
         2, description="checkpoints kept (best by val MRR + latest)", ge=1
     )
@@ -239,6 +275,14 @@ class TrainConfig:
     @model_validator(mode="after")
     def _rules(self) -> TrainConfig:
         problems = []
+        contrastive, most = self.global_batch_size // self.grad_accum, max_workers(self)
+        if self.global_batch_size % self.grad_accum:
+            problems.append(f"`train.global_batch_size` = {self.global_batch_size} is not a "
+                            f"multiple of `train.grad_accum` = {self.grad_accum}")
+        elif contrastive < most:
+            problems.append(f"`train.global_batch_size` / `train.grad_accum` = {contrastive} "
+                            f"queries per micro-step cannot feed {most} workers "
+                            "(`train.num_workers`): every worker needs at least one")
         scheme = self.storage_path.split("://", 1)[0] if self.storage_path and (
             "://" in self.storage_path) else None
         if scheme is not None and scheme not in STORAGE_SCHEMES:

@@ -106,7 +106,8 @@ def _settings_rows(facts: CardFacts) -> list[list[str]]:
             ["LoRA", lora], ["MVTC", mvtc], ["pruning", prune],
             ["entity vectors", f"`{cfg.model.entity_repr}`"],
             ["images per entity", str(cfg.images.max_images_per_entity)],
-            ["training", f"{cfg.train.epochs} epoch(s), batch {cfg.train.batch_size}, "
+            ["training", f"{cfg.train.epochs} epoch(s), global batch "
+             f"{cfg.train.global_batch_size}, "
              f"lr {cfg.train.learning_rate}, {cfg.train.num_negatives} sampled negatives, "
              f"seed {cfg.train.seed}"]]
 

@@ -23,7 +23,13 @@ from elmm_ray import console
 from elmm_ray.config import Config
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.layout import RunLayout, absolute_paths, fingerprint
+from elmm_ray.layout import (
+    RunLayout,
+    absolute_paths,
+    changed_keys,
+    fingerprint,
+    fingerprint_values,
+)
 from elmm_ray.models.build import reads_images
 
 log = logging.getLogger(__name__)
@@ -84,7 +90,11 @@ class Stage:
 STAGES: dict[str, Stage] = {}
 
 # Keys that change how a training stage runs, not what it computes: never a reason to redo it.
+# Keys that say how a run executes, not what it computes: outside every stage's fingerprint.
+# The worker count and GPUs among them: the objective is the global batch's at any world size
+# and a checkpoint resumes at any worker count (figures equal within float rounding).
 RUN_ONLY_KEYS = ("train.fail_at_step", "train.max_failures", "train.cpus_per_worker",
+                 "train.num_workers", "train.use_gpu", "train.threads_per_worker",
                  "train.checkpoints_to_keep", "train.loggers", "images.num_cpus_per_task",
                  "images.max_shard_bytes", "eval.workers", "train.storage_path",
                  "storage_endpoint")
@@ -187,8 +197,11 @@ def _run_planned(names: list[str], cfg: Config, layout: RunLayout, ctx: StageCon
             raise RuntimeError(f"stage {name} should be complete in {layout.root} (its outputs "
                                "are linked from a shared run) but is not: was the shared run "
                                "changed after the sweep started?")
+        values = fingerprint_values(cfg, stage.reads, stage.exclude)
+        _say_why_again(name, layout.read_manifest(name) or {}, digest, values, digests, ctx)
         # Until it completes, the stage's outputs are no longer those of its old manifest.
-        layout.write_manifest(name, {"status": "running", "fingerprint": digest})
+        layout.write_manifest(name, {"status": "running", "fingerprint": digest,
+                                     "config": values})
         layout.push()  # workers on other nodes pull the upstream outputs from there
         ctx.fingerprint = digest
         start = time.perf_counter()
@@ -198,13 +211,33 @@ def _run_planned(names: list[str], cfg: Config, layout: RunLayout, ctx: StageCon
         console.say(name, f"done in {seconds:.1f} s" + (f": {summary}" if summary else ""),
                     enabled=ctx.show_progress)
         manifest = {"status": "complete", "fingerprint": digest, "run_id": uuid.uuid4().hex,
-                    "inputs": {n: digests[n] for n in stage.needs(cfg)},
+                    "config": values, "inputs": {n: digests[n] for n in stage.needs(cfg)},
                     "seconds": seconds, **payload}
         layout.write_manifest(name, manifest)
         layout.push()  # outputs first, the manifest last: complete remotely only when whole
         digests[name] = f"{digest}:{manifest['run_id']}"
         ctx.results[name] = StageResult(name, {"stage": name, **manifest}, False, seconds)
     return ctx.results
+
+
+def _say_why_again(name: str, old: dict, digest: str, values: dict, digests: dict,
+                   ctx: StageContext) -> None:
+    """A stage that ran before under another fingerprint runs anew: say which config keys
+    changed (or that its inputs did) on the console, never a silent restart. The train
+    stage's new fingerprint names a new Ray Train run: training starts from step 0."""
+    if not old.get("fingerprint") or old["fingerprint"] == digest:
+        return
+    changes = changed_keys(old.get("config") or {}, values) if "config" in old else []
+    if changes:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:6])
+        why = f"changed since its last run ({shown}{', ...' if len(changes) > 6 else ''})"
+    elif "config" in old and old.get("inputs") and any(
+            old["inputs"].get(n) != digests.get(n) for n in old["inputs"]):
+        why = "its inputs changed since its last run (an upstream stage ran again)"
+    else:
+        why = "its config or inputs changed since its last run"
+    fresh = " (a new training run from step 0)" if name == "train" else ""
+    console.say(name, f"runs again{fresh}: {why}", enabled=ctx.show_progress)
 
 
 def run_stage(name: str, cfg: Config, *, show_progress: bool = True,

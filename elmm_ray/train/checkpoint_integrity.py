@@ -1,6 +1,7 @@
-"""Digests of Ray Train checkpoints: every rank records its own files (DeepSpeed shards,
-``rank*_state.pt``) in ``checksums_rank<r>.json`` inside the checkpoint before it reports;
-a resume checks them all before anything is loaded.
+"""Digests of Ray Train checkpoints: the rank that writes files into a checkpoint (rank 0,
+the portable checkpoint of :mod:`elmm_ray.train.portable`) records them in
+``checksums_rank<r>.json`` inside the checkpoint before it reports; a resume checks every
+record before anything is loaded.
 
 A corrupt latest checkpoint is an error naming it, not a silent fall-back: Ray Train V2
 picks the checkpoint to resume from out of its own run snapshot

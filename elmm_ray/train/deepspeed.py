@@ -32,8 +32,8 @@ def uses_client_optimizer(cfg: Config, use_gpu: bool) -> bool:
     return not use_gpu
 
 
-def deepspeed_config(cfg: Config, *, use_gpu: bool) -> dict:
-    """The ``ds_config`` dict for ``deepspeed.initialize``."""
+def deepspeed_config(cfg: Config, *, use_gpu: bool, world: int = 1) -> dict:
+    """The ``ds_config`` dict for ``deepspeed.initialize`` on ``world`` workers."""
     tc, ds = cfg.train, cfg.deepspeed
     precision = resolve_precision(cfg, use_gpu)
     zero: dict = {"stage": ds.zero_stage}
@@ -48,7 +48,9 @@ def deepspeed_config(cfg: Config, *, use_gpu: bool) -> dict:
     if ds.offload_params and use_gpu:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config: dict = {
-        "train_micro_batch_size_per_gpu": tc.batch_size,
+        # The most queries a worker encodes per micro-step (the global batch split over the
+        # accumulation steps and the workers; DeepSpeed uses it for its throughput figures).
+        "train_micro_batch_size_per_gpu": -(-tc.global_batch_size // (tc.grad_accum * world)),
         "gradient_accumulation_steps": tc.grad_accum,
         "zero_optimization": zero,
         "steps_per_print": 10**9,  # progress is ours

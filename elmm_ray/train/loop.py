@@ -17,7 +17,6 @@ whether it is a fresh model or a saved pruned one, and where outputs go.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -47,10 +46,17 @@ from elmm_ray.train.context import (
     prepare_finetune,
 )
 from elmm_ray.train.metrics import MetricsLogger
+from elmm_ray.train.portable import load_optimizer, load_rng, load_weights, save_portable
 from elmm_ray.train.step import QueryBatches, compute_loss
 
-CHECKPOINT_TAG = "ckpt"
 FAULT_MARKER = ".fault_injected"
+STEP_LEDGER = "steps.log"
+# Preemption: the just-in-time checkpoint is written when the node's deadline is this close
+# (at least; more when checkpoints or steps take longer: see checkpoint_due).
+PREEMPTION_MARGIN_S = 5.0
+# ... and the workers then wait up to this long past the deadline for the node to go before
+# training on (a drain that was cancelled).
+PREEMPTION_HOLD_S = 30.0
 MODEL_SUBDIR = "model"
 
 
@@ -76,6 +82,13 @@ def lr_lambda(warmup: int, total: int):
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
+
+
+def optimizer_steps_per_epoch(cfg: Config, queries: np.ndarray) -> int:
+    """Optimizer steps per epoch: whole global batches of ``train.global_batch_size``."""
+    tc = cfg.train
+    return QueryBatches(queries, tc.global_batch_size // tc.grad_accum, tc.seed,
+                        tc.grad_accum).steps_per_epoch
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
@@ -134,13 +147,15 @@ class TorchEngine:
         (loss / self.grad_accum).backward()
 
     def step(self) -> None:
+        """One micro-step; the optimizer and the learning-rate schedule step at the end of
+        each accumulation (the schedule counts optimizer steps, as DeepSpeed's does)."""
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum == 0:
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+            self.scheduler.step()
 
     @property
     def lr(self) -> float:
@@ -212,43 +227,77 @@ class LocalSession:
     def any_rank(self, flag: bool) -> bool:
         return flag
 
+    checkpoint_seconds = 0.0
+
+    def preempted(self) -> dict | None:
+        return None
+
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def gather_rows(self, local: torch.Tensor, counts) -> torch.Tensor:
+        return local
+
+    def all_sum(self, value: float) -> float:
+        return value
+
 
 class RaySession:
-    """A Ray Train worker: every rank saves its DeepSpeed shards and its own state, then
-    reports; a restarted or resumed run continues from ``ray.train.get_checkpoint()``."""
+    """A Ray Train worker: every rank takes part in gathering the portable checkpoint
+    (:mod:`elmm_ray.train.portable`: whole trainable tensors, AdamW moments, schedule, data
+    position, RNG), rank 0 writes and reports it; a restarted or resumed run, at any worker
+    count, continues from ``ray.train.get_checkpoint()`` (``resumed_state``, loaded by
+    :func:`train_loop_per_worker`)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, scheduler, model, resumed_state: dict | None = None) -> None:
         import ray.train
 
         self.train = ray.train
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.engine = engine
-        self.resumed_state = None
+        self.engine, self.scheduler, self.model = engine, scheduler, model
+        self.resumed_state = resumed_state
+        self.checkpoint_seconds = 0.0  # how long the last report with a checkpoint took
         # NCCL groups carry CUDA tensors only; gloo (CPU) takes CPU tensors.
         nccl = torch.distributed.get_backend() == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as directory:
-                verify_checkpoint(directory)  # recorded digests, before anything is loaded
-                engine.load_checkpoint(directory, tag=CHECKPOINT_TAG, load_module_strict=False)
-                self.resumed_state = load_rank_state(directory, self.rank)
+
+    def _rng_states(self) -> list[dict]:
+        """Every rank's torch CPU (and CUDA) generator state, gathered."""
+        cpu = self.all_gather(torch.get_rng_state().unsqueeze(0))
+        cuda = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda = self.all_gather(torch.cuda.get_rng_state().unsqueeze(0))
+        return [{"cpu": cpu[r].clone(), "cuda": None if cuda is None else cuda[r].clone()}
+                for r in range(self.world)]
 
     def report(self, record: dict, state: dict) -> None:
+        started = time.perf_counter()
+        rng = self._rng_states()
         with tempfile.TemporaryDirectory(prefix="elmm_ckpt_") as tmp:
-            self.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
-            save_rank_state(tmp, self.rank, state)
-            record_checkpoint(tmp, self.rank)
+            generator = state.pop("generator")
+            save_portable(tmp, self.model, self.engine.optimizer, self.scheduler,
+                          {**state, "world": self.world}, generator, rng, self.rank)
+            if self.rank == 0:
+                record_checkpoint(tmp, self.rank)
             fault_point("train.checkpoint")
-            self.train.report(record, checkpoint=self.train.Checkpoint.from_directory(tmp))
+            checkpoint = self.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
+            self.train.report(record, checkpoint=checkpoint)
+        self.checkpoint_seconds = time.perf_counter() - started
 
     def agree_to_stop(self, stop: bool) -> bool:
         """Every rank stops at the same step (a time limit is measured per rank)."""
         return self.any_rank(stop)
+
+    def preempted(self) -> dict | None:
+        """A node of this run is being drained (a spot reclaim, ``ray drain-node --reason
+        DRAIN_NODE_REASON_PREEMPTION``): its deadline and ranks; ``None`` otherwise. Every
+        rank calls it at every step (Ray Train agrees on one answer across the ranks)."""
+        info = self.train.get_preemption_info()
+        if info is None:
+            return None
+        return {"deadline_ms": info.deadline_ms, "ranks": info.preempted_ranks,
+                "nodes": info.preempted_node_ids}
 
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
@@ -262,6 +311,20 @@ class RaySession:
         parts = [torch.empty_like(local) for _ in range(self.world)]
         torch.distributed.all_gather(parts, local)
         return torch.cat(parts).to(tensor.device)
+
+    def gather_rows(self, local: torch.Tensor, counts) -> torch.Tensor:
+        """Every rank's rows (rank r holds ``counts[r]``) in rank order; this rank's own rows
+        keep their gradient (the others are values: their gradients are their ranks')."""
+        width = max(counts)
+        sent = pad_rows(local.detach(), width)
+        parts = self.all_gather(sent).split(width)
+        return torch.cat([local if r == self.rank else parts[r][:counts[r]]
+                          for r in range(self.world)])
+
+    def all_sum(self, value: float) -> float:
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return float(total.item())
 
 
 def refresh_entity_cache(ctx: ModelContext, batch_size: int, session) -> None:
@@ -279,30 +342,24 @@ def refresh_entity_cache(ctx: ModelContext, batch_size: int, session) -> None:
     model.set_entity_cache(session.all_gather(pad_rows(mine, part.rows))[:total])
 
 
-def _rank_state_path(directory: str | Path, rank: int) -> Path:
-    return Path(directory) / f"rank{rank:04d}_state.pt"
-
-
-def save_rank_state(directory: str | Path, rank: int, state: dict) -> None:
-    """Data position + sampler state of one rank (plain tensors and numbers only)."""
-    torch.save(state, _rank_state_path(directory, rank))
-
-
-def load_rank_state(directory: str | Path, rank: int) -> dict:
-    path = _rank_state_path(directory, rank)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {directory} has no state for rank {rank}; was it "
-                                "written with a different number of workers?")
-    return torch.load(path, weights_only=True)
+def resumed_state(directory: str | Path, state: dict, rank: int, seed: int) -> dict:
+    """What :func:`run_loop` continues from: a portable checkpoint's loop state with this
+    rank's generator states (:func:`elmm_ray.train.portable.load_rng`)."""
+    rng = load_rng(directory, rank, seed, int(state["step"]))
+    return {**state, "generator": rng["generator"], "torch_rng": rng["cpu"],
+            "cuda_rng": rng["cuda"]}
 
 
 def _maybe_inject_fault(cfg: Config, rank: int, step: int, out: Path) -> None:
-    """Test hook (``train.fail_at_step``): rank 0 of the first attempt dies at that step."""
+    """Test hook (``train.fail_at_step``): rank 0 of the first attempt dies at that step,
+    after a few of Ray Train's health-check intervals, so that the controller has registered
+    the checkpoint reported before (a death right after a report can beat it)."""
     marker = out / FAULT_MARKER
     if not cfg.train.fail_at_step or rank or step != cfg.train.fail_at_step or marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"worker died on purpose at step {step}\n")
+    time.sleep(4 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")))
     os._exit(1)
 
 
@@ -347,7 +404,7 @@ def _kept_best_mrr(out: Path, rank: int) -> float | None:
 
 def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.ndarray,
              engine, session, out: Path, *, progress: Callable[[dict], None] | None = None,
-             gather=None) -> dict:
+             gather=None, after_best: Callable[[], None] | None = None) -> dict:
     """Train ``ctx.model`` on ``queries`` with ``engine``; validate every
     ``train.eval_every`` steps (default: each epoch) and report through ``session``; save
     the trainable weights to ``<out>/model`` and the summary (steps, seconds, losses,
@@ -356,14 +413,23 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     ``{step, steps, epoch, loss | val_mrr}`` (the console's progress, or a Ray queue);
     ``gather``: a context manager that gathers partitioned parameters for a save (ZeRO-3).
     Each validation round with a new highest val MRR also saves the trainable weights to
-    ``<out>/best`` (:func:`save_best`)."""
+    ``<out>/best`` (:func:`save_best`), then rank 0 calls ``after_best`` (a remote run
+    directory: pushed with the round, so a rank 0 restarted on another node keeps it).
+    A resumed session (``session.resumed_state``) continues from its step at any world size
+    and says so (``progress`` gets ``{"event": "resumed", "text": ...}``; the summary's
+    ``resumes`` lists every resume)."""
     tc, model = cfg.train, ctx.model
     rank, world = session.rank, session.world
-    batches = QueryBatches(queries, tc.batch_size, tc.seed, shard=rank, num_shards=world)
+    batches = QueryBatches(queries, tc.global_batch_size // tc.grad_accum, tc.seed,
+                           tc.grad_accum)
     steps = total_steps(cfg, batches.steps_per_epoch)
-    generator = torch.Generator().manual_seed(tc.seed * 1000 + rank)
+    # Sampled negatives are the global batch's: every rank draws the same ones.
+    generator = torch.Generator().manual_seed(tc.seed * 1000)
     known = kg.filter_index(("train",))
-    step, history, seconds_before, eval_seconds, losses = 0, [], 0.0, 0.0, []
+    step, history, seconds_before, eval_seconds, losses, resumes = 0, [], 0.0, 0.0, [], []
+    preemptions: list[dict] = []
+    noticed: list | None = None  # the preempted nodes a checkpoint was written for
+    step_seconds: list[float] = []
     resumed = session.resumed_state
     best_mrr = _kept_best_mrr(out, rank) if resumed else None
     if not resumed and rank == 0:  # a fresh run: an older run's best is not this one's
@@ -371,16 +437,30 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     elif resumed:
         batches.load_state_dict(resumed["data"])
         generator.set_state(resumed["generator"])
-        step, history = int(resumed["step"]), json.loads(resumed["history"])
+        step, history = int(resumed["step"]), list(resumed["history"])
         seconds_before, eval_seconds = float(resumed["seconds"]), float(resumed["eval_seconds"])
-        losses = json.loads(resumed.get("losses", "[]"))  # every step's loss, not only these
-        if "torch_rng" in resumed:  # the dropout masks of an uninterrupted run
-            torch.set_rng_state(resumed["torch_rng"])
+        losses = list(resumed["losses"])  # every step's loss, not only these
+        preemptions = list(resumed.get("preemptions", []))
+        resumes = [*resumed.get("resumes", []), {"step": step, "from_workers":
+                                                 int(resumed["world"]), "workers": world}]
+        torch.set_rng_state(resumed["torch_rng"])  # the dropout masks of an uninterrupted run
+        if resumed.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(resumed["cuda_rng"])
         if rank == 0:  # records a killed attempt logged after its last checkpoint
             drop_records_after(out, step)
+            if progress is not None:
+                progress({"event": "resumed", "text": resume_line(resumes[-1])})
     logger = MetricsLogger(cfg, out, enabled=rank == 0, resume=bool(resumed))
+    # Every optimizer step each attempt takes, one line each (rank 0): a step redone after a
+    # failure or preemption appears twice.
+    ledger = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        ledger = open(out / STEP_LEDGER, "a" if resumed else "w")  # noqa: SIM115
+        ledger.write(f"# attempt workers={world} from={step} at={time.time():.3f}\n")
+        ledger.flush()
     eval_every = tc.eval_every or batches.steps_per_epoch
-    samples_per_step = tc.batch_size * world
+    samples_per_step = tc.global_batch_size
     start = time.perf_counter() - seconds_before
     memory: dict = {}
     window = []
@@ -410,35 +490,65 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         if session.any_rank(best_mrr is None or record["val_mrr"] > best_mrr):
             best_mrr = record["val_mrr"]
             save_best(model, out, record, rank, gather)
+            if rank == 0 and after_best is not None:
+                after_best()
         window = []
-        session.report(record, {
-            "data": batches.state_dict(), "generator": generator.get_state(), "step": step,
-            "history": json.dumps(history), "seconds": time.perf_counter() - start,
-            "eval_seconds": eval_seconds, "losses": json.dumps(losses),
-            "torch_rng": torch.get_rng_state()})  # LoRA dropout draws from it
+        session.report(record, loop_state())
+
+    def loop_state() -> dict:
+        """What a resume needs (at any world size): see :mod:`elmm_ray.train.portable`."""
+        return {"data": batches.state_dict(), "generator": generator.get_state(), "step": step,
+                "samples_consumed": batches.samples_consumed, "history": history,
+                "seconds": time.perf_counter() - start, "eval_seconds": eval_seconds,
+                "losses": losses, "resumes": resumes, "preemptions": preemptions}
+
+    def checkpoint_before_preemption(epoch: int, notice: dict) -> None:
+        """A just-in-time checkpoint (no validation: the node's deadline runs): the run
+        resumes from this step on the workers left, or on new nodes."""
+        left = (notice["deadline_ms"] / 1000 - time.time()) if notice["deadline_ms"] else None
+        preemptions.append({"step": step, "nodes": notice["nodes"], "ranks": notice["ranks"],
+                            "seconds_to_deadline": left})
+        if show:
+            when = f", {left:.0f} s before its deadline" if left is not None else ""
+            show({"event": "preemption", "text": f"node(s) {', '.join(notice['nodes'])} "
+                  f"(rank(s) {notice['ranks']}) are being preempted: checkpoint at step "
+                  f"{step}{when}"})
+        record = {"step": step, "epoch": epoch, "preemption": True, "workers": world,
+                  "val_mrr": history[-1]["val_mrr"] if history else 0.0,
+                  "seconds": time.perf_counter() - start}
+        session.report(record, loop_state())
 
     last = None
     refresh_every = tc.entity_refresh_every if model.encodes_entities else None
     if model.encodes_entities:
         refresh_entity_cache(ctx, cfg.eval.batch_size, session)
     model.train()
-    for epoch, _, batch in batches:
+    for epoch, _, micro_batches in batches:
         if step >= steps or (tc.max_minutes and session.agree_to_stop(
                 time.perf_counter() - start > 60 * tc.max_minutes)):
             break
         _maybe_inject_fault(cfg, rank, step + 1, out)
         fault_point("train.step")
-        parts = compute_loss(model, ctx.collator, ctx.features, batch, known,
-                             num_negatives=tc.num_negatives, num_hard_negatives=tc.hard_negatives,
-                             knowledge_weight=tc.knowledge_weight,
-                             in_batch_negatives=tc.in_batch_negatives, generator=generator)
-        engine.backward(parts.loss)
-        engine.step()
+        step_start = time.perf_counter()
+        values = []
+        for batch in micro_batches:  # the engine steps the optimizer after the last
+            parts = compute_loss(model, ctx.collator, ctx.features, batch, known,
+                                 num_negatives=tc.num_negatives,
+                                 num_hard_negatives=tc.hard_negatives,
+                                 knowledge_weight=tc.knowledge_weight,
+                                 in_batch_negatives=tc.in_batch_negatives, generator=generator,
+                                 group=session)
+            engine.backward(parts.loss)
+            engine.step()
+            values.append(parts.value)
         step += 1
+        if ledger is not None:
+            ledger.write(f"{step}\n")
+            ledger.flush()
         memory = memory or engine.memory_mb(model)
         if refresh_every and step % refresh_every == 0:
             refresh_entity_cache(ctx, cfg.eval.batch_size, session)
-        losses.append(float(parts.loss.detach()))
+        losses.append(float(np.mean(values)))  # the global batch's, the same on every rank
         window.append(losses[-1])
         if show:
             show({"step": step, "steps": steps, "epoch": epoch, "loss": float(np.mean(window)),
@@ -446,19 +556,59 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
                       time.perf_counter() - start - eval_seconds, 1e-9)})
         last = (epoch, parts)
         if step % eval_every == 0 or step == steps:
-            validate(epoch, parts)
+            validate(epoch, parts)  # a checkpoint too
+            continue
+        step_seconds.append(time.perf_counter() - step_start)
+        notice = session.preempted()
+        if notice is not None and notice["nodes"] != noticed and session.any_rank(
+                checkpoint_due(notice, float(np.mean(step_seconds[-20:])),
+                               session.checkpoint_seconds)):
+            noticed = notice["nodes"]
+            checkpoint_before_preemption(epoch, notice)
+            hold_until_preempted(notice)
     if last is not None and (not history or history[-1]["step"] != step):
         validate(*last)  # stopped by train.max_minutes between validation rounds
     seconds = time.perf_counter() - start
+    if ledger is not None:
+        ledger.close()
     params = [p for p in model.parameters() if p.requires_grad]
     with gather(params) if gather else contextlib.nullcontext():
         if rank == 0:
             save_trainable(model, out / MODEL_SUBDIR)
-    summary = {"steps": step, "train_seconds": seconds, "losses": losses, "history": history}
+    summary = {"steps": step, "train_seconds": seconds, "losses": losses, "history": history,
+               "resumes": resumes, "preemptions": preemptions}
     if rank == 0:
         write_json_atomic(out / "summary.json", summary)  # the driver reads it (Ray Train)
         logger.finish(history, steps=step, seconds=seconds)
     return summary
+
+
+def checkpoint_due(notice: dict, step_seconds: float, checkpoint_seconds: float) -> bool:
+    """Whether the just-in-time checkpoint for a preemption ``notice`` is due now: at once
+    without a deadline, else once the time left is within a margin of a few checkpoints and
+    steps (training goes on until then: no step done before the checkpoint is lost, and
+    none after it is taken, see :func:`hold_until_preempted`)."""
+    if not notice.get("deadline_ms"):
+        return True
+    left = notice["deadline_ms"] / 1000 - time.time()
+    return left <= max(PREEMPTION_MARGIN_S, 3 * checkpoint_seconds + 2 * step_seconds)
+
+
+def hold_until_preempted(notice: dict) -> None:
+    """After the just-in-time checkpoint: take no more steps (they would be redone) until the
+    node goes and Ray Train restarts the run without it, or, if it is still there
+    :data:`PREEMPTION_HOLD_S` past the deadline (a cancelled drain), train on."""
+    if not notice.get("deadline_ms"):
+        return
+    until = notice["deadline_ms"] / 1000 + PREEMPTION_HOLD_S
+    while time.time() < until:
+        time.sleep(0.5)
+
+
+def resume_line(resume: dict) -> str:
+    """The console's line for a resumed run."""
+    return (f"resumed from step {resume['step']}: checkpoint of {resume['from_workers']} "
+            f"worker(s), now {resume['workers']}")
 
 
 def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
@@ -474,7 +624,7 @@ def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     ctx = ctx or prepare_context(cfg, kg, spec)
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     queries = kg.queries("train", cfg.train.both_directions)
-    steps = total_steps(cfg, QueryBatches(queries, cfg.train.batch_size, 0).steps_per_epoch)
+    steps = total_steps(cfg, optimizer_steps_per_epoch(cfg, queries))
     # A fixed thread count: the same config gives the same figures in any process.
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.train.threads_per_worker)
@@ -511,29 +661,40 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     queries = np.concatenate([b["data"] for b in shard.iter_batches(batch_format="numpy",
                                                                      batch_size=65536)])
-    world = ray.train.get_context().get_world_size()
-    steps = total_steps(cfg, QueryBatches(queries, cfg.train.batch_size, 0,
-                                          num_shards=world).steps_per_epoch)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    steps = total_steps(cfg, optimizer_steps_per_epoch(cfg, queries))
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     client_optimizer = None
     if ds_setup.uses_client_optimizer(cfg, cfg.train.use_gpu):
         client_optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate,
                                              weight_decay=cfg.train.weight_decay)
     schedule = lr_lambda(cfg.train.warmup_steps, steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=ctx.model, model_parameters=params, optimizer=client_optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=ds_setup.deepspeed_config(cfg, use_gpu=cfg.train.use_gpu))
+    checkpoint = ray.train.get_checkpoint()
+    resumed = None
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as directory:
+        if directory is not None:
+            verify_checkpoint(directory)  # recorded digests, before anything is loaded
+            state = load_weights(directory, ctx.model)  # ZeRO partitions them at initialize
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=ctx.model, model_parameters=params, optimizer=client_optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=ds_setup.deepspeed_config(cfg, use_gpu=cfg.train.use_gpu, world=world))
+        if directory is not None:
+            load_optimizer(directory, ctx.model, engine.optimizer, scheduler, state)
+            resumed = resumed_state(directory, state, rank, cfg.train.seed)
     zero3 = cfg.deepspeed.zero_stage == 3
 
     def gather(params):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3)
 
     sink = config.get("progress")
-    run_loop(cfg, kg, ctx, queries, DeepSpeedEngine(engine, scheduler), RaySession(engine),
+    session = RaySession(engine, scheduler, ctx.model, resumed)
+    run_loop(cfg, kg, ctx, queries, DeepSpeedEngine(engine, scheduler), session,
              layout.path(spec.out_subdir),
-             progress=QueueProgress(sink) if sink is not None else None, gather=gather)
-    if ray.train.get_context().get_world_rank() == 0:
+             progress=QueueProgress(sink) if sink is not None else None, gather=gather,
+             after_best=lambda: layout.push(f"{spec.out_subdir}/{BEST_SUBDIR}"))
+    if rank == 0:
         layout.push(spec.out_subdir)  # rank 0's outputs, for the driver on another node
 
 
@@ -548,7 +709,7 @@ class QueueProgress:
 
     def __call__(self, record: dict) -> None:
         now = time.perf_counter()
-        if ("val_mrr" not in record and record["step"] < record["steps"]
+        if ("event" not in record and "val_mrr" not in record and record["step"] < record["steps"]
                 and now - self.last < self.interval_s):
             return
         self.last = now

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from elmm_ray.config import Config, config_from_dict, config_to_dict
+from elmm_ray.config import Config, config_from_dict, config_to_dict, min_workers
 from elmm_ray.data.dataset import load_dataset
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.eval.evaluate import (
@@ -26,10 +26,11 @@ from elmm_ray.train.context import load_trained_context
 
 
 def eval_workers(cfg: Config) -> int:
-    """How many Ray workers rank the queries (0: in this process), from ``eval.workers``."""
+    """How many Ray workers rank the queries (0: in this process), from ``eval.workers``, else
+    the training workers (the fewest of an elastic range: what the cluster surely gives)."""
     if cfg.eval.workers is not None:
         return cfg.eval.workers
-    return cfg.train.num_workers if cfg.train.backend == "ray" else 0
+    return min_workers(cfg.train) if cfg.train.backend == "ray" else 0
 
 
 class _EvalWorker:

@@ -111,8 +111,11 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
         train_loop_per_worker,
         train_loop_config={"cfg": config_to_dict(cfg), "spec": dataclasses.asdict(spec),
                            "progress": progress_queue},
+        # N workers, or an elastic (MIN, MAX): the run starts with what the cluster gives
+        # (>= MIN), grows when nodes join, goes on with the workers left when one is lost.
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=tc.resize_interval_s),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         # Every worker receives all training queries and takes its own slice of each
         # epoch's seeded permutation (QueryBatches): an exact, resumable data order.
@@ -125,7 +128,8 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep,
                                                checkpoint_score_attribute="val_mrr",
                                                checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
+            failure_config=FailureConfig(max_failures=tc.max_failures,
+                                         max_preemption_failures=tc.max_preemptions),
             worker_runtime_env={"env_vars": env_vars},
             callbacks=_tune_callbacks() if tune_trial else None,
         ),
@@ -165,7 +169,9 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     history = summary["history"]
     return {"steps": summary["steps"],
             "train_seconds": history[-1]["seconds"] if history else 0.0,
-            "history": history,
+            "history": history, "losses": summary["losses"],
+            "resumes": summary.get("resumes", []),
+            "preemptions": summary.get("preemptions", []),
             "checkpoint": checkpoint_uri(result.checkpoint),
             "best_checkpoints": [(checkpoint_uri(c), m.get("val_mrr"))
                                  for c, m in (result.best_checkpoints or [])]}
