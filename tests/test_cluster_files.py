@@ -450,8 +450,8 @@ DEFECTS: dict[str, Callable[[], None]] = {
         "rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
         "resources"]["limits"].update(memory="8Gi")),
     "k8s: no GPU": _kuberay_defect("raycluster.yaml", lambda d: [
-        _worker_container(d)["resources"][k].pop("nvidia.com/gpu") for k in ("requests",
-                                                                             "limits")]),
+        g["template"]["spec"]["containers"][0]["resources"][k].pop("nvidia.com/gpu")
+        for g in d[0]["spec"]["workerGroupSpecs"] for k in ("requests", "limits")]),
     "k8s: fixed size": _kuberay_defect("raycluster.yaml", lambda d: _worker(d).update(
         minReplicas=2)),
     "k8s: another image": _kuberay_defect("raycluster.yaml", lambda d: _worker_container(
