@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from elmm_ray import console
@@ -63,6 +64,7 @@ def init_ray(cfg: RayConfig | None = None, *, quiet: bool = True) -> None:
         # in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, read by ray.init; the
         # token is never copied into the runtime environment or the run directory.
         log.info("joining Ray cluster at %s", address)
+        secure_token_file()
         try:
             ray.init(address=address, runtime_env=runtime_env, logging_level=logging_level,
                      log_to_driver=log_to_driver)
@@ -78,6 +80,7 @@ def init_ray(cfg: RayConfig | None = None, *, quiet: bool = True) -> None:
             kwargs["num_cpus"] = cfg.num_cpus
         ray.init(**kwargs)
         _STARTED_HERE["local"] = True
+        secure_token_file()  # a new local cluster may just have written ~/.ray/auth_token
     import ray.data  # noqa: F401  (installs its console handler, which console quiets)
 
     console.quiet_libraries()
@@ -85,6 +88,53 @@ def init_ray(cfg: RayConfig | None = None, *, quiet: bool = True) -> None:
 
 
 _STARTED_HERE = {"local": False}  # this process started the local Ray it uses
+
+
+def _token_paths(path: str | Path | None) -> list[Path]:
+    if path is not None:
+        return [Path(path).expanduser()]
+    paths = [Path(p).expanduser() for p in [os.environ.get("RAY_AUTH_TOKEN_PATH")] if p]
+    # Ray reads RAY_AUTH_TOKEN_PATH first but always writes a generated token to the default.
+    return [*paths, Path.home() / ".ray" / "auth_token"]
+
+
+def secure_token_file(path: str | Path | None = None) -> list[Path]:
+    """Make Ray's token file readable by its owner only (mode 0600).
+
+    Ray 2.60 writes ``~/.ray/auth_token`` with the process umask (0644 by default: every user
+    of the machine can read the cluster's token). Without ``path`` this checks the file named
+    by ``RAY_AUTH_TOKEN_PATH`` and ``~/.ray/auth_token``. A missing file is not an error; a
+    file of another user, or one that cannot be changed, is left as it is with a warning.
+    Returns the files whose mode was changed."""
+    changed: list[Path] = []
+    for token in dict.fromkeys(_token_paths(path)):
+        try:
+            # Opened once and changed through the descriptor: what is checked is what changes.
+            fd = os.open(token, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            continue
+        except OSError as err:  # EACCES, ...
+            log.warning("could not check the Ray token file %s: %s", token, err)
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                log.warning("the Ray token path %s is not a regular file; left as it is", token)
+                continue
+            if info.st_uid != os.geteuid():
+                if info.st_mode & 0o077:
+                    log.warning("the Ray token file %s (mode %04o) belongs to another user; "
+                                "left as it is", token, stat.S_IMODE(info.st_mode))
+                continue
+            if info.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+                changed.append(token)
+                log.info("made the Ray token file %s private (0600)", token)
+        except OSError as err:
+            log.warning("could not make the Ray token file %s private: %s", token, err)
+        finally:
+            os.close(fd)
+    return changed
 
 
 def ray_logs_dir() -> Path | None:

@@ -2,7 +2,10 @@
 Ray wheel (and Ray's own prepare/validate), the KubeRay manifests have the structure KubeRay
 reads, every file runs the one project image with token auth and the dashboard off the
 wildcard address, the storage and Secret they name are defined, the runtime env works with
-``ray_session.init_ray`` and the Dockerfile pins torch and runs as the Ray user.
+``ray_session.init_ray`` and the Dockerfile pins torch and runs as the Ray user. Autoscaling
+and spot: an on-demand head, on-demand and Spot GPU worker groups, the Spot group the one
+Ray's own autoscaler picks first, idle timeouts, KubeRay ``authOptions`` and health probes
+that work under token auth.
 
 Each check is a function over parsed files; ``test_check_catches`` breaks a copy of the real
 files one defect at a time and expects the check to fail, so none of them can pass vacuously.
@@ -11,6 +14,7 @@ Fast: no network, no Ray cluster."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -31,6 +35,9 @@ SHARED = "/mnt/shared"  # the mount point every cluster file provides
 PAPER_CONFIG = REPO / "configs" / "fb15k237_llava7b.yaml"
 DRIVER_MIN_MEMORY_GI = 16  # the driver only orchestrates: the KG, gathered ranks, manifests
 IMAGE_WORKDIR = "/home/ray/elmm-ray"  # where cluster/Dockerfile puts jobs/ and configs/
+# Node labels of Spot capacity: GKE Spot VMs, EKS managed node groups.
+SPOT_LABELS = {"cloud.google.com/gke-spot": "true", "eks.amazonaws.com/capacityType": "SPOT"}
+HEALTH_PATH, AGENT_PORT = "/api/healthz", 52365  # Ray's dashboard-agent health check, public
 
 
 class Defect(AssertionError):
@@ -105,6 +112,70 @@ def check_launcher(name: str, cfg: dict, image: str) -> None:
             need("latest_dlami" not in source and "18.04" not in source,
                  f"{name}: node type {key} boots an outdated image {source!r}")
         need(image_id or any(sources), f"{name}: node type {key} names no machine image")
+
+
+def _is_spot(provider: str, node_config: dict) -> bool:
+    if provider == "aws":
+        return (node_config.get("InstanceMarketOptions") or {}).get("MarketType") == "spot"
+    scheduling = node_config.get("scheduling") or {}
+    entries = scheduling if isinstance(scheduling, list) else [scheduling]
+    return any(e.get("provisioningModel") == "SPOT" or e.get("preemptible") for e in entries)
+
+
+def first_gpu_node_type(node_types: dict, head_type: str) -> str:
+    """The node type Ray's autoscaler (v1, the default in 2.60) launches first for one GPU
+    node's worth of 1-GPU bundles (8 Ray Train workers), from Ray's own scheduler."""
+    from ray.autoscaler._private.node_provider_availability_tracker import (
+        NodeAvailabilitySummary,
+    )
+    from ray.autoscaler._private.resource_demand_scheduler import (
+        _default_utilization_scorer,
+        get_nodes_for,
+    )
+
+    scorer = functools.partial(_default_utilization_scorer,
+                               node_availability_summary=NodeAvailabilitySummary({}))
+    gpus = max(int(t.get("resources", {}).get("GPU", 0)) for t in node_types.values())
+    to_add, left = get_nodes_for(node_types, {}, head_type, 1, [{"GPU": 1}] * gpus, scorer)
+    need(to_add and not left, f"Ray's scheduler places no GPU node: {dict(to_add)}, {left}")
+    return next(iter(to_add))
+
+
+def check_launcher_spot(name: str, cfg: dict) -> None:
+    """On-demand head, on-demand and Spot GPU worker types, Spot first, idle timeout."""
+    provider = cfg["provider"]["type"]
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    need(not _is_spot(provider, head["node_config"]), f"{name}: the head is a Spot node")
+    gpu = {k: t for k, t in types.items() if t.get("resources", {}).get("GPU", 0) > 0}
+    spot = {k for k, t in gpu.items() if _is_spot(provider, t["node_config"])}
+    need(spot, f"{name}: no Spot/preemptible GPU worker type")
+    need(set(gpu) - spot, f"{name}: no on-demand GPU worker type beside the Spot one")
+    for key in spot:
+        node_config = types[key]["node_config"]
+        if provider == "aws":
+            options = node_config["InstanceMarketOptions"].get("SpotOptions", {})
+            need(options.get("SpotInstanceType") == "one-time"
+                 and options.get("InstanceInterruptionBehavior") == "terminate",
+                 f"{name}: {key} must be a one-time Spot request that terminates on "
+                 "interruption (Ray's AWS provider cannot stop Spot instances)")
+        else:
+            entries = node_config["scheduling"]
+            entry = entries[0] if isinstance(entries, list) else entries
+            need(entry.get("provisioningModel") == "SPOT" and not entry.get("preemptible"),
+                 f"{name}: {key} uses the legacy preemptible model (24-hour limit)")
+            need(entry.get("instanceTerminationAction") == "DELETE",
+                 f"{name}: {key}: a preempted Spot VM must be deleted (STOP keeps a billed VM "
+                 "Ray never reuses)")
+            need(entry.get("onHostMaintenance") == "TERMINATE"
+                 and entry.get("automaticRestart") is False,
+                 f"{name}: {key}: Spot GPU VMs need onHostMaintenance TERMINATE and "
+                 "automaticRestart false")
+    timeout = cfg.get("idle_timeout_minutes")
+    need(isinstance(timeout, (int, float)) and timeout > 0,
+         f"{name}: idle_timeout_minutes is not set")
+    first = first_gpu_node_type(types, cfg["head_node_type"])
+    need(first in spot, f"{name}: Ray's autoscaler launches {first} first, not the Spot type")
 
 
 def check_ray_prepare(name: str, cfg: dict) -> None:
@@ -197,6 +268,79 @@ def check_ray_cluster_spec(where: str, spec: dict, image: str, secret: str) -> N
                  f"{where}: container {cname} lacks RAY_AUTH_MODE=token / RAY_AUTH_TOKEN")
             mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
             need(SHARED in mounts, f"{where}: container {cname} does not mount {SHARED}")
+    check_kuberay_spot(where, spec, secret)
+
+
+def _spot_selected(pod_spec: dict) -> bool:
+    selector = pod_spec.get("nodeSelector") or {}
+    return any(selector.get(k) == v for k, v in SPOT_LABELS.items())
+
+
+def _tolerates_spot(pod_spec: dict) -> bool:
+    return any(t.get("key") in SPOT_LABELS for t in pod_spec.get("tolerations") or [])
+
+
+def _avoids_spot(pod_spec: dict) -> bool:
+    """Required node affinity that keeps the pod off Spot nodes."""
+    required = (((pod_spec.get("affinity") or {}).get("nodeAffinity") or {})
+                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    terms = required.get("nodeSelectorTerms") or []
+    return bool(terms) and all(
+        any(e.get("key") in SPOT_LABELS and e.get("operator") in ("DoesNotExist", "NotIn")
+            for e in term.get("matchExpressions") or []) for term in terms)
+
+
+def _check_probes(where: str, container: dict) -> None:
+    for kind in ("livenessProbe", "readinessProbe"):
+        get = (container.get(kind) or {}).get("httpGet") or {}
+        need(get.get("path") == HEALTH_PATH and get.get("port") == AGENT_PORT,
+             f"{where}: container {container['name']} {kind} is not GET {HEALTH_PATH} on "
+             f"{AGENT_PORT} (KubeRay's older default wgets localhost:8265, where the dashboard "
+             "does not listen)")
+
+
+def check_kuberay_spot(where: str, spec: dict, secret: str) -> None:
+    """authOptions with our Secret, an idle timeout, an on-demand head, on-demand and Spot GPU
+    groups (Spot: nodeSelector + toleration), the Spot group first, probes that need no token."""
+    auth = spec.get("authOptions") or {}
+    need(auth.get("mode") == "token", f"{where}: authOptions.mode is not token")
+    need(auth.get("secretName") == secret,
+         f"{where}: authOptions.secretName {auth.get('secretName')!r} is not the Secret {secret}")
+    idle = (spec.get("autoscalerOptions") or {}).get("idleTimeoutSeconds")
+    need(isinstance(idle, int) and idle > 0, f"{where}: autoscalerOptions.idleTimeoutSeconds unset")
+    head_pod = spec["headGroupSpec"]["template"]["spec"]
+    need(not _spot_selected(head_pod) and not _tolerates_spot(head_pod) and _avoids_spot(head_pod),
+         f"{where}: the head may land on a Spot node (it needs an affinity that excludes Spot)")
+    gpu_groups = [g for g in spec.get("workerGroupSpecs", [])
+                  if any(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+                         for c in g["template"]["spec"]["containers"])]
+    spot = [g for g in gpu_groups if _spot_selected(g["template"]["spec"])]
+    need(spot, f"{where}: no GPU worker group selects Spot nodes (nodeSelector)")
+    for group in spot:
+        need(_tolerates_spot(group["template"]["spec"]),
+             f"{where}: Spot group {group['groupName']} does not tolerate the Spot taint")
+    on_demand = [g for g in gpu_groups if g not in spot]
+    need(on_demand, f"{where}: no on-demand GPU worker group beside the Spot one")
+    for group in on_demand:
+        need(_avoids_spot(group["template"]["spec"]),
+             f"{where}: on-demand group {group['groupName']} may land on Spot nodes")
+    for template in [spec["headGroupSpec"]["template"],
+                     *(g["template"] for g in spec.get("workerGroupSpecs", []))]:
+        _check_probes(where, template["spec"]["containers"][0])
+    # What Ray's KubeRay autoscaler makes of this spec, and the group it scales up first.
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    try:
+        derived = _derive_autoscaling_config_from_ray_cr(
+            {"metadata": {"name": "elmm-ray", "namespace": "default"}, "spec": spec})
+    except Exception as err:
+        raise Defect(f"{where}: Ray's KubeRay autoscaler cannot read the spec: {err}") from err
+    need(derived["idle_timeout_minutes"] == idle / 60, f"{where}: idle timeout not read")
+    first = first_gpu_node_type(derived["available_node_types"], derived["head_node_type"])
+    need(first in {g["groupName"] for g in spot},
+         f"{where}: Ray's autoscaler scales {first} up first, not the Spot group")
 
 
 def check_kuberay(docs_by_file: dict[str, list[dict]], image: str) -> None:
@@ -324,6 +468,7 @@ def check_dockerfile(text: str, dockerignore: str) -> None:
 def test_launcher(name):
     cfg = load_launchers()[name]
     check_launcher(name, cfg, project_image())
+    check_launcher_spot(name, cfg)
     check_ray_prepare(name, cfg)
 
 
@@ -368,11 +513,13 @@ def test_job_env_var_keys(monkeypatch):
 # ---------------------------------------------------------------- every check can fail
 
 
-def _launcher_defect(mutate: Callable[[dict], None]) -> Callable[[], None]:
+def _launcher_defect(mutate: Callable[[dict], None], name: str = LAUNCHERS[0]
+                     ) -> Callable[[], None]:
     def run() -> None:
-        cfg = copy.deepcopy(load_launchers()[LAUNCHERS[0]])
+        cfg = copy.deepcopy(load_launchers()[name])
         mutate(cfg)
-        check_launcher(LAUNCHERS[0], cfg, project_image())
+        check_launcher(name, cfg, project_image())
+        check_launcher_spot(name, cfg)
     return run
 
 
@@ -415,6 +562,19 @@ def _worker_container(docs: list[dict]) -> dict:
     return _worker(docs)["template"]["spec"]["containers"][0]
 
 
+def _spot_group(docs: list[dict], job: bool = False) -> dict:
+    spec = docs[0]["spec"]["rayClusterSpec"] if job else docs[0]["spec"]
+    return next(g for g in spec["workerGroupSpecs"] if g["groupName"].endswith("-spot"))
+
+
+def _rename_type(cfg: dict, old: str, new: str) -> None:
+    cfg["available_node_types"][new] = cfg["available_node_types"].pop(old)
+
+
+def _gcp_spot_scheduling(cfg: dict) -> dict:
+    return cfg["available_node_types"]["a100_8x_spot"]["node_config"]["scheduling"][0]
+
+
 DEFECTS: dict[str, Callable[[], None]] = {
     "schema: unknown key": _launcher_defect(lambda c: c.update(no_such_key=1)),
     "schema: max_workers a string": _launcher_defect(lambda c: c.update(max_workers="4")),
@@ -434,6 +594,53 @@ DEFECTS: dict[str, Callable[[], None]] = {
         min_workers=2, max_workers=2)),
     "latest_dlami": _launcher_defect(lambda c: c["available_node_types"]["head"][
         "node_config"].update(ImageId="latest_dlami")),
+    "spot: no Spot type": _launcher_defect(lambda c: c["available_node_types"].pop(
+        "a100_8x_spot")),
+    "spot: no on-demand type": _launcher_defect(lambda c: c["available_node_types"].pop(
+        "a100_8x")),
+    "spot: head on Spot": _launcher_defect(lambda c: c["available_node_types"]["head"][
+        "node_config"].update(InstanceMarketOptions={"MarketType": "spot"})),
+    "spot: no idle timeout": _launcher_defect(lambda c: c.pop("idle_timeout_minutes")),
+    "spot: persistent request": _launcher_defect(lambda c: c["available_node_types"][
+        "a100_8x_spot"]["node_config"]["InstanceMarketOptions"]["SpotOptions"].update(
+        SpotInstanceType="persistent", InstanceInterruptionBehavior="stop")),
+    "spot: on-demand wins the tie": _launcher_defect(lambda c: _rename_type(
+        c, "a100_8x_spot", "a100_8_spot")),
+    "spot: gcp head preemptible": _launcher_defect(lambda c: c["available_node_types"][
+        "head"]["node_config"].update(scheduling=[{"preemptible": True}]), LAUNCHERS[1]),
+    "spot: gcp STOP": _launcher_defect(lambda c: _gcp_spot_scheduling(c).update(
+        instanceTerminationAction="STOP"), LAUNCHERS[1]),
+    "spot: gcp legacy preemptible": _launcher_defect(lambda c: c["available_node_types"][
+        "a100_8x_spot"]["node_config"].update(scheduling=[{
+            "preemptible": True, "onHostMaintenance": "TERMINATE",
+            "automaticRestart": False}]), LAUNCHERS[1]),
+    "spot: gcp auto restart": _launcher_defect(lambda c: _gcp_spot_scheduling(c).update(
+        automaticRestart=True), LAUNCHERS[1]),
+    "k8s: no authOptions": _kuberay_defect("raycluster.yaml", lambda d: d[0]["spec"].pop(
+        "authOptions")),
+    "k8s: authOptions other Secret": _kuberay_defect("rayjob.yaml", lambda d: d[0]["spec"][
+        "rayClusterSpec"]["authOptions"].update(secretName="generated")),
+    "k8s: no idle timeout": _kuberay_defect("raycluster.yaml", lambda d: d[0]["spec"][
+        "autoscalerOptions"].pop("idleTimeoutSeconds")),
+    "k8s: head may land on Spot": _kuberay_defect("raycluster.yaml", lambda d: _head(d)[
+        "template"]["spec"].pop("affinity")),
+    "k8s: head on Spot": _kuberay_defect("raycluster.yaml", lambda d: _head(d)["template"][
+        "spec"].update(nodeSelector={"cloud.google.com/gke-spot": "true"})),
+    "k8s: no Spot group": _kuberay_defect("rayjob.yaml", lambda d: d[0]["spec"][
+        "rayClusterSpec"]["workerGroupSpecs"].remove(_spot_group(d, job=True))),
+    "k8s: Spot group no toleration": _kuberay_defect("raycluster.yaml", lambda d: _spot_group(
+        d)["template"]["spec"]["tolerations"].pop()),
+    "k8s: Spot group no nodeSelector": _kuberay_defect("raycluster.yaml", lambda d: _spot_group(
+        d)["template"]["spec"]["nodeSelector"].pop("cloud.google.com/gke-spot")),
+    "k8s: on-demand group may land on Spot": _kuberay_defect("raycluster.yaml", lambda d: _worker(
+        d)["template"]["spec"].pop("affinity")),
+    "k8s: on-demand wins the tie": _kuberay_defect("raycluster.yaml", lambda d: _spot_group(
+        d).update(groupName="a0-spot")),
+    "k8s: wget probe": _kuberay_defect("raycluster.yaml", lambda d: _head(d)["template"][
+        "spec"]["containers"][0].update(livenessProbe={"exec": {"command": [
+            "bash", "-c", "wget -q -O- http://localhost:8265/api/gcs_healthz"]}})),
+    "k8s: no probe": _kuberay_defect("rayjob.yaml", lambda d: _spot_group(d, job=True)[
+        "template"]["spec"]["containers"][0].pop("readinessProbe")),
     "k8s: kind missing": _kuberay_defect("storage.yaml", lambda d: d[0].pop("kind")),
     "k8s: PVC undefined": _kuberay_defect("storage.yaml", lambda d: d[0]["metadata"].update(
         name="other")),
@@ -450,8 +657,8 @@ DEFECTS: dict[str, Callable[[], None]] = {
         "rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
         "resources"]["limits"].update(memory="8Gi")),
     "k8s: no GPU": _kuberay_defect("raycluster.yaml", lambda d: [
-        _worker_container(d)["resources"][k].pop("nvidia.com/gpu") for k in ("requests",
-                                                                             "limits")]),
+        g["template"]["spec"]["containers"][0]["resources"][k].pop("nvidia.com/gpu")
+        for g in d[0]["spec"]["workerGroupSpecs"] for k in ("requests", "limits")]),
     "k8s: fixed size": _kuberay_defect("raycluster.yaml", lambda d: _worker(d).update(
         minReplicas=2)),
     "k8s: another image": _kuberay_defect("raycluster.yaml", lambda d: _worker_container(

@@ -142,6 +142,98 @@ def test_local_ray_binds_loopback_and_a_refused_token_is_a_clean_error(monkeypat
         "Traceback" not in err)
 
 
+def _token_home(tmp_path, monkeypatch, mode: int = 0o644) -> Path:
+    """A temp HOME with ~/.ray/auth_token written the way Ray 2.60 writes it (umask 022)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("fake-ray-token-9c1d")
+    token.chmod(mode)
+    return token
+
+
+def test_secure_token_file_makes_the_token_private(tmp_path, monkeypatch, caplog):
+    import stat
+
+    from elmm_ray.ray_session import secure_token_file
+
+    token = _token_home(tmp_path, monkeypatch)
+    assert stat.S_IMODE(token.stat().st_mode) == 0o644
+    assert secure_token_file() == [token]
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert token.read_text() == "fake-ray-token-9c1d"
+    assert secure_token_file() == []  # already private: nothing to do
+    # RAY_AUTH_TOKEN_PATH names another file: both it and the default are made private.
+    other = tmp_path / "elsewhere" / "token"
+    other.parent.mkdir()
+    other.write_text("t")
+    other.chmod(0o664)
+    token.chmod(0o640)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(other))
+    assert secure_token_file() == [other, token]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (other, token)} == {0o600}
+    # An explicit path: only that file.
+    other.chmod(0o644)
+    token.chmod(0o644)
+    assert secure_token_file(other) == [other]
+    assert stat.S_IMODE(token.stat().st_mode) == 0o644
+    assert "fake-ray-token-9c1d" not in caplog.text
+
+
+def test_secure_token_file_missing_file_is_no_error(tmp_path, monkeypatch, caplog):
+    from elmm_ray.ray_session import secure_token_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no" / "token"))
+    with caplog.at_level(logging.WARNING):
+        assert secure_token_file() == []
+        assert secure_token_file(tmp_path / "missing") == []
+    assert not caplog.records
+
+
+def test_secure_token_file_warns_when_it_cannot(tmp_path, monkeypatch, caplog):
+    import os
+
+    from elmm_ray import ray_session
+
+    token = _token_home(tmp_path, monkeypatch)
+
+    def refuse(fd, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        m.setattr(ray_session.os, "fchmod", refuse)
+        assert ray_session.secure_token_file() == []
+    assert "could not make the Ray token file" in caplog.text
+    caplog.clear()
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        other_uid = os.geteuid() + 1
+        m.setattr(ray_session.os, "geteuid", lambda: other_uid)
+        assert ray_session.secure_token_file() == []
+    assert "belongs to another user" in caplog.text
+    assert token.stat().st_mode & 0o077  # left as it is
+    assert ray_session.secure_token_file() == [token]
+
+
+def test_init_ray_secures_the_token_after_a_local_start_and_before_joining(monkeypatch):
+    import ray
+
+    from elmm_ray import ray_session
+
+    events = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: events.append(
+        "join" if kw.get("address") else "local start"))
+    monkeypatch.setattr(ray_session, "secure_token_file", lambda path=None: events.append(
+        "secure"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray_session, "_STARTED_HERE", {"local": False})
+    ray_session.init_ray(RayConfig(num_cpus=1))
+    ray_session.init_ray(RayConfig(address="127.0.0.1:6379"))
+    assert events == ["local start", "secure", "secure", "join"]
+
+
 SECRETS = {"WANDB_API_KEY": "fake-wandb-5f1c9e", "MLFLOW_TRACKING_TOKEN": "fake-mlflow-8a2b4d",
            "AWS_SECRET_ACCESS_KEY": "fake-aws-3c7e1f", "HF_TOKEN": "hf_fakeToken6d9a0b",
            "RAY_AUTH_TOKEN": "fake-ray-token-2e4f6a"}
