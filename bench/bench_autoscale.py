@@ -4,7 +4,7 @@
 (`train.num_workers=[1, 2]`) twice: once uninterrupted, once with a node drained as preempted
 (reclaimed at its deadline) and a node killed outright.
 
-    python bench/bench_autoscale.py [--deadline 20] [--idle-timeout 8]
+    python bench/bench_autoscale.py [--deadline 10] [--idle-timeout 8]
 
 Figures (seconds are wall-clock on this 2-core machine, every node on it):
 - cold_start_to_first_step_s: from `elmm-ray run` on a cluster with no worker nodes to the
@@ -32,7 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
 from elmm_ray.tables import format_table  # noqa: E402
-from tests.autoscaling import LocalAutoscalingCluster, run_with_faults  # noqa: E402
+from tests.autoscaling import (  # noqa: E402
+    LocalAutoscalingCluster,
+    fault_restarts,
+    run_with_faults,
+)
 from tests.test_autoscaling import DEMO, ELASTIC, TINY_RAY  # noqa: E402
 
 COMMAND = "python bench/bench_autoscale.py"
@@ -55,7 +59,7 @@ def _stage_seconds(log: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deadline", type=float, default=20.0,
+    parser.add_argument("--deadline", type=float, default=10.0,
                         help="seconds between the drain notice and the node's reclaim")
     parser.add_argument("--idle-timeout", type=float, default=8.0)
     args = parser.parse_args()
@@ -96,6 +100,7 @@ def main() -> None:
         first_attempt = clean["attempts"][0]
         loop_start = first_attempt["at"] - clean["started"]
         ev = faulted["events"]
+        restarts = fault_restarts(faulted, faulted["preemptions"][0]["step"])
         stages = clean["stages_s"]
         results.update({
             "cold_start_to_first_step_s": clean["events"]["first_step"],
@@ -113,9 +118,10 @@ def main() -> None:
             },
             "node_loss_to_resumed_step_s": ev["resumed_after_kill"] - ev["kill"],
             "reclaim_to_resumed_step_s": ev["resumed_after_reclaim"] - ev["reclaim"],
-            "steps_redone_drain": faulted["redone"][0],
-            "steps_redone_kill": max(faulted["redone"][1:], default=None),
-            "steps_redone_all": faulted["redone"],
+            "steps_redone_drain": restarts["drain"],
+            "steps_redone_kill": restarts["kill"],
+            "steps_redone_every_restart": faulted["redone"],
+            "restarts_that_grew_the_run": restarts["grew"],
             "attempts_faults": [{k: a[k] for k in ("workers", "from")} | {
                 "steps": len(a["steps"])} for a in faulted["attempts"]],
             "scale_down_s": clean["scale_down_s"],

@@ -22,6 +22,7 @@ import copy
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,11 +97,15 @@ class LocalAutoscalingCluster:
     submit``, a probe) of this cluster."""
 
     def __init__(self, worker_types: dict[str, dict], *, max_workers: int = 3,
-                 idle_timeout_s: float = 10.0, root: str | None = None) -> None:
+                 idle_timeout_s: float = 10.0, upscaling_speed: float = 100.0,
+                 root: str | None = None) -> None:
         # A short path: Ray's unix sockets live under it (~107 characters at most).
+        self._own_root = root is None  # removed by stop()
         self.root = Path(root or tempfile.mkdtemp(prefix="elmm-as-", dir="/tmp"))
         self.worker_types, self.max_workers = worker_types, max_workers
-        self.idle_timeout_s = idle_timeout_s
+        # Nodes launched per round, as a multiple of those up: high, so that what a test
+        # asks for arrives in one round (Ray's default, 1.0, doubles the cluster per round).
+        self.idle_timeout_s, self.upscaling_speed = idle_timeout_s, upscaling_speed
         self.port = _free_port()
         self.dashboard_port = _free_port()
         self.address = f"{LOOPBACK}:{self.port}"
@@ -123,17 +128,17 @@ class LocalAutoscalingCluster:
     def start(self, timeout_s: float = 90.0) -> LocalAutoscalingCluster:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.root / "ray").mkdir(exist_ok=True)
-        # The cluster's token, made as Ray's `get-auth-token --generate` makes one, and
-        # private to its user from the start (Ray's own file would be 0644 under umask 022).
-        self.token_file.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+        # The cluster's token, made as Ray's `get-auth-token --generate` makes one and with
+        # the mode Ray gives it under umask 022 (0644: readable by every user), so that a
+        # test sees the project's client make it private (ray_session.secure_token_file).
+        self.token_file.parent.mkdir(exist_ok=True)
+        self.token_file.write_text(secrets.token_hex(32))
+        self.token_file.chmod(0o644)
         config = {
             "cluster_name": "elmm-local-autoscaling",
             "max_workers": self.max_workers,
             "idle_timeout_minutes": self.idle_timeout_s / 60,
-            "upscaling_speed": 1.0,
+            "upscaling_speed": self.upscaling_speed,
             "provider": {"type": "external", "module": f"{__name__}.LoopbackFakeProvider",
                          "gcs_address": self.address, "use_node_id_as_ip": True,
                          "disable_node_updaters": True, "disable_launch_config_check": True},
@@ -195,15 +200,33 @@ class LocalAutoscalingCluster:
                 raise TimeoutError(f"{n} worker node(s) after {timeout_s} s, expected {count}")
             time.sleep(1.0)
 
-    def raylet_pid(self, node: dict) -> int:
-        """The pid of a node's raylet (its socket name is on its command line)."""
+    def training_nodes(self) -> list[str]:
+        """The nodes that host a live Ray Train worker (Ray's state API)."""
+        return self.probe(
+            "from ray.util.state import list_actors\n"
+            "result = sorted({a.node_id for a in list_actors(filters=[('state', '=', "
+            "'ALIVE')], limit=10000) if 'RayTrainWorker' in (a.class_name or '')})")
+
+    def raylet_pid(self, node: dict) -> int | None:
+        """The pid of a node's raylet (its socket name is on its command line); ``None`` when
+        the node is gone already."""
         import psutil
 
         for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if "raylet" in cmdline and node["socket"] in cmdline:
+            args = proc.info["cmdline"] or []
+            if "raylet" in (args[0] if args else "") and any(
+                    a == node["socket"] or a.endswith("=" + node["socket"]) for a in args):
                 return proc.info["pid"]
-        raise LookupError(f"no raylet for node {node['id']}")
+        return None
+
+    def kill_node(self, node: dict) -> bool:
+        """SIGKILL a node's raylet (a machine lost without notice); False: it was gone."""
+        pid = self.raylet_pid(node)
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        return True
 
     def own_processes(self) -> list:
         """Every process of this cluster: its command line names the cluster's temp dir."""
@@ -232,6 +255,8 @@ class LocalAutoscalingCluster:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         psutil.wait_procs(alive, timeout=5)
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 # --- a training run with a preempted and a killed node ---------------------------------------
@@ -261,6 +286,19 @@ def steps_redone(attempts: list[dict]) -> list[int]:
             for a, b in zip(attempts, attempts[1:], strict=False)]
 
 
+def fault_restarts(run: dict, preempted_at: int) -> dict:
+    """Which restart of a :func:`run_with_faults` run followed the preemption (the attempt
+    that starts at the just-in-time checkpoint's step ``preempted_at``) and which the kill
+    (the first attempt started after it), with the steps each redid."""
+    attempts, redone = run["attempts"], steps_redone(run["attempts"])
+    drain = next(i for i, a in enumerate(attempts) if i and a["from"] == preempted_at)
+    kill_at = run["started"] + run["events"]["kill"]
+    kill = next(i for i, a in enumerate(attempts) if a["at"] > kill_at)
+    return {"drain": redone[drain - 1], "kill": redone[kill - 1],
+            "grew": [i for i in range(1, len(attempts))
+                     if attempts[i]["workers"] > attempts[i - 1]["workers"]]}
+
+
 def _wait(predicate, timeout_s: float, proc: subprocess.Popen, what: str):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -274,7 +312,7 @@ def _wait(predicate, timeout_s: float, proc: subprocess.Popen, what: str):
 
 
 def run_with_faults(cluster: LocalAutoscalingCluster, args: list[str], run_dir: Path, *,
-                    drain_at_step: int | None = 8, deadline_s: float = 20.0,
+                    drain_at_step: int | None = 8, deadline_s: float = 10.0,
                     kill_after_steps: int | None = 6, timeout_s: float = 900.0) -> dict:
     """Run ``elmm-ray ARGS`` (a training run into ``run_dir``) on ``cluster``; at step
     ``drain_at_step`` (with two worker nodes up) drain one node as preempted with a deadline
@@ -314,9 +352,10 @@ def run_with_faults(cluster: LocalAutoscalingCluster, args: list[str], run_dir: 
         events["first_step"] = _wait(lambda: steps() >= 1 and time.time(), timeout_s, proc,
                                      "a first step") - started
         if drain_at_step is not None:
-            _wait(lambda: steps() >= drain_at_step and len(cluster.worker_nodes()) >= 2,
+            _wait(lambda: steps() >= drain_at_step and len(cluster.training_nodes()) >= 2,
                   timeout_s, proc, f"step {drain_at_step} on two nodes")
-            drained = cluster.worker_nodes()[0]
+            hosts = cluster.training_nodes()
+            drained = next(n for n in cluster.worker_nodes() if n["id"] in hosts)
             done = subprocess.run(
                 [str(Path(sys.executable).with_name("ray")), "drain-node",
                  f"--address={cluster.address}", f"--node-id={drained['id']}",
@@ -328,7 +367,8 @@ def run_with_faults(cluster: LocalAutoscalingCluster, args: list[str], run_dir: 
                 raise RuntimeError(f"ray drain-node failed: {done.stderr[-2000:]}")
             events["drain"] = time.time() - started
             time.sleep(max(0.0, started + events["drain"] + deadline_s - time.time()))
-            os.kill(cluster.raylet_pid(drained), signal.SIGKILL)
+            # The cloud reclaims it at the deadline (Ray may have ended it already).
+            out["drained_node_was_up_at_deadline"] = cluster.kill_node(drained)
             events["reclaim"] = time.time() - started
             out["drained_node"] = drained["id"]
             _wait(lambda: len(a := read_ledger(run_dir)) >= 2 and a[1]["steps"], timeout_s,
@@ -337,11 +377,13 @@ def run_with_faults(cluster: LocalAutoscalingCluster, args: list[str], run_dir: 
         if kill_after_steps is not None:
             first = len(read_ledger(run_dir))
             _wait(lambda: len(a := read_ledger(run_dir)) >= first
-                  and len(a[-1]["steps"]) >= kill_after_steps and len(cluster.worker_nodes())
-                  >= 1, timeout_s, proc, f"{kill_after_steps} steps into the attempt")
+                  and len(a[-1]["steps"]) >= kill_after_steps, timeout_s, proc,
+                  f"{kill_after_steps} steps into the attempt")
+            hosts = cluster.training_nodes()
             victim = next(n for n in cluster.worker_nodes()
-                          if n["id"] != out.get("drained_node"))
-            os.kill(cluster.raylet_pid(victim), signal.SIGKILL)  # no notice
+                          if n["id"] in hosts and n["id"] != out.get("drained_node"))
+            if not cluster.kill_node(victim):  # no notice
+                raise RuntimeError(f"node {victim['id']} was gone before it could be killed")
             events["kill"] = time.time() - started
             out["killed_node"] = victim["id"]
             _wait(lambda: len(a := read_ledger(run_dir)) > first and a[-1]["steps"],

@@ -12,6 +12,7 @@ A's scores, and B's MRR and Hits@k within the intervals those give.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,26 +28,32 @@ FLOAT32_SLACK = 1e-4
 __all__ = ["RankBounds", "assert_metrics_within_score_noise", "assert_weights_match",
            "query_scores"]
 
-# Two trainings that agree to float rounding: the mean absolute weight difference stays at
-# float noise (measured: ~1e-6 after the tiny runs' 46 steps) ...
+# Two trainings that agree to float rounding: the weights' bulk agrees to float noise
+# (measured: mean 1e-6, 99th percentile 1e-6, after the tiny runs' 46-124 steps) ...
 MEAN_WEIGHT_TOLERANCE = 1e-5
+# ... and every weight with a gradient to 2e-4 (measured: at most 7e-6, 124 steps with two
+# restarts at other worker counts). Gradient-free weights are held to the mean only: the key
+# bias of an attention (it adds one constant to every key's logit of a query, to which the
+# softmax is invariant) and, in MVTC's pooling attentions whose values are the raw context,
+# the context norm's bias (it reaches the keys only). Their gradient is zero up to rounding,
+# and AdamW, which divides each gradient by its own running magnitude, moves them by that
+# noise at full step size: measured up to 3.5e-3 apart at lr 3e-3, with no effect on any
+# score.
+WEIGHT_TOLERANCE = 2e-4
+GRADIENT_FREE = re.compile(r"attention\.key_proj\.bias$"
+                           r"|(visual_pool|text_pool)\.attention\.context_norm\.bias$")
 
 
-def assert_weights_match(a: dict, b: dict, learning_rate: float) -> dict:
-    """Trained weights of two computation paths (one process and N workers, two CPUs): the
-    bulk agrees to float noise (mean |difference| <= MEAN_WEIGHT_TOLERANCE) and no element
-    is more than half an AdamW step (``learning_rate / 2``) apart. The second bound is not
-    float noise: AdamW divides each gradient by its own running magnitude, so a parameter
-    whose gradient is zero up to rounding (an attention key bias, to which the softmax is
-    invariant, or a norm bias feeding it: measured 5e-4 apart at lr 3e-3 in the tiny
-    encoder run) moves by a normalised rounding noise of up to the learning rate per step.
-    Returns the figures."""
+def assert_weights_match(a: dict, b: dict) -> dict:
+    """Trained weights of two computation paths (one process and N workers, two CPUs):
+    within the tolerances above. Returns the figures."""
     assert a.keys() == b.keys()
     diffs = {k: (a[k].float() - b[k].float()).abs() for k in a}
-    worst = max(d.max().item() for d in diffs.values())
     mean = sum(d.sum().item() for d in diffs.values()) / sum(d.numel() for d in diffs.values())
+    worst, name = max((d.max().item(), k) for k, d in diffs.items()
+                      if not GRADIENT_FREE.search(k))
     assert mean <= MEAN_WEIGHT_TOLERANCE, f"mean weight difference {mean}"
-    assert worst <= learning_rate / 2, f"largest weight difference {worst} (lr {learning_rate})"
+    assert worst <= WEIGHT_TOLERANCE, f"largest weight difference {worst} ({name})"
     return {"mean": mean, "max": worst}
 
 

@@ -2,15 +2,16 @@
 head with no CPUs, worker nodes of 1 CPU launched on demand and released when idle), one
 cluster shared by every test here:
 
-- `elmm-ray run` of the tiny config with `ray.address`: nodes launched on demand, the figures
-  of a one-process run (within the tolerances of tests/test_train_ray.py), nodes released;
+- `ray job submit` of jobs/run.py (the tiny run), as docs/cluster.md says, on a cluster with
+  no worker node: nodes launched on demand, released once idle; the client makes the
+  cluster's token file private;
 - an `elmm-ray tune` sweep scales up to the node limit and back down;
-- an elastic training run (`train.num_workers=[1, 2]`) with a node drained as preempted
-  (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, then reclaimed at its deadline)
-  and a node killed outright: it finishes, every step once except those after the last
-  checkpoint before the kill, no step redone after the preemption (the just-in-time
-  checkpoint), the figures of an uninterrupted run;
-- `ray job submit` of jobs/run.py, as docs/cluster.md says.
+- `elmm-ray run` with `ray.address` of an elastic run (`train.num_workers=[1, 2]`) with a
+  node drained as preempted (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, then
+  reclaimed at its deadline) and a node killed outright: it finishes, every step once except
+  those after the last checkpoint before the kill, no step redone after the preemption (the
+  just-in-time checkpoint), the figures of an uninterrupted one-process run, the nodes
+  released afterwards.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from elmm_ray.layout import RunLayout, absolute_paths
 from elmm_ray.stages import run_stages
 from elmm_ray.stages.train import evaluate
 from elmm_ray.train.context import load_trained_context
-from tests.autoscaling import LocalAutoscalingCluster, run_with_faults
+from tests.autoscaling import LocalAutoscalingCluster, fault_restarts, run_with_faults
 from tests.parity import assert_metrics_within_score_noise, assert_weights_match
 from tests.tiny import TINY_DATA, TINY_MODEL
 
@@ -103,9 +104,10 @@ def _matches_one_process(cfg, overrides: list[str], tmp_path: Path) -> dict:
     process, the same global batch and data) and compare: weights and test metrics within
     the tolerances of tests/parity.py."""
     reference = absolute_paths(load_config(DEMO, [
-        *overrides, f"run_dir={tmp_path / 'one_process'}", "train.backend=local"]))
+        *overrides, f"run_dir={tmp_path / 'one_process'}", "train.backend=local",
+        "train.step_delay_s=0"]))
     run_stages(["train"], reference, show_progress=False)
-    assert_weights_match(_trainable(cfg), _trainable(reference), cfg.train.learning_rate)
+    assert_weights_match(_trainable(cfg), _trainable(reference))
     kg = load_dataset(cfg)
     metrics = evaluate(cfg, kg, load_trained_context(cfg, kg))
     return assert_metrics_within_score_noise(load_trained_context(reference, kg),
@@ -118,52 +120,61 @@ def _config(run_dir: Path, *overrides: str):
     return absolute_paths(load_config(DEMO, [f"run_dir={run_dir}", *every])), every
 
 
-def test_run_launches_nodes_on_demand_and_releases_them(cluster, tmp_path):
-    """`elmm-ray run` with `ray.address` on a cluster with no worker nodes: the autoscaler
-    launches them, the run completes with the figures of one process, the nodes go once idle,
-    and the cluster's token file stays private to its user."""
-    assert cluster.worker_nodes() == []
-    cfg, overrides = _config(tmp_path / "run", "train.num_workers=2", "train.epochs=1",
-                             "model.entity_repr=table")
+def test_ray_job_submit_launches_nodes_and_releases_them(cluster, tmp_path):
+    """`ray job submit -- python jobs/run.py --config ...` against the cluster's dashboard
+    with the cluster's token (RAY_AUTH_MODE=token), as docs/cluster.md says: the autoscaler
+    launches a node for the work, the job succeeds, the node goes once idle, and the job's
+    client (init_ray) made the token file, left 0644 as Ray leaves it, private."""
+    cluster.wait_for_workers(0, timeout_s=IDLE_TIMEOUT_S + 60)
+    cluster.token_file.chmod(0o644)
+    run_dir = tmp_path / "job"
+    ray_bin = str(Path(sys.executable).with_name("ray"))
     with NodeWatch(cluster) as watch:
-        done = _cli(cluster, "run", DEMO, f"run_dir={cfg.run_dir}", *overrides,
-                    f"ray.address={cluster.address}")
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert watch.most >= 2  # a node for each training worker
-    assert "[eval] done" in done.stdout
-    _matches_one_process(cfg, overrides, tmp_path)
-    assert cluster.wait_for_workers(0, timeout_s=IDLE_TIMEOUT_S + 60) <= IDLE_TIMEOUT_S + 60
+        done = subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{cluster.dashboard_port}",
+             "--runtime-env", "cluster/runtime_env.yaml", "--", sys.executable, "jobs/run.py",
+             "--config", DEMO, f"run_dir={run_dir}", *TINY_RAY, "train.num_workers=1",
+             "train.epochs=1", "model.entity_repr=table"],
+            env=cluster.env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout and "[eval] done" in done.stdout
+    assert RunLayout(run_dir).metrics_file("test").is_file()
+    assert watch.most >= 1
     assert cluster.token_file.stat().st_mode & 0o777 == 0o600
+    cluster.wait_for_workers(0, timeout_s=IDLE_TIMEOUT_S + 60)
 
 
 def test_a_sweep_scales_up_to_the_node_limit_and_back_down(cluster, tmp_path):
-    """`elmm-ray tune`, four local-backend trials of 1 CPU each: the autoscaler adds nodes up
-    to its limit of three, every trial finishes, and the cluster empties again."""
+    """`elmm-ray tune`, three local-backend trials of 1 CPU each: the autoscaler adds nodes
+    up to its limit of three, every trial finishes, and the cluster empties again."""
     space = tmp_path / "lr.yaml"
     space.write_text("search: grid\nnum_samples: 1\nparams:\n"
-                     "  train.learning_rate: {type: choice, values: [0.003, 0.001, 0.0003, "
-                     "0.0001]}\n")
+                     "  train.learning_rate: {type: choice, values: [0.003, 0.001, 0.0003]}\n")
     run_dir = tmp_path / "sweep"
     with NodeWatch(cluster) as watch:
         done = _cli(cluster, "tune", DEMO, "--space", str(space), f"run_dir={run_dir}",
-                    *TINY_RAY, "train.backend=local", "train.epochs=2", "train.eval_every=16",
-                    "tune.trial_cpus=1", "tune.scheduler=fifo", "tune.latency_repeats=2",
+                    *TINY_RAY, "train.backend=local", "train.epochs=2", "train.step_delay_s=0.2",
+                    "train.eval_every=16",
+                    "tune.trial_cpus=1", "tune.max_concurrent_trials=3", "tune.scheduler=none",
+                    "tune.latency_repeats=2",
                     f"ray.address={cluster.address}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     rows = (run_dir / "tune" / "results.csv").read_text().splitlines()[1:]
-    assert len(rows) == 4
+    assert len(rows) == 3
     assert watch.most == MAX_NODES
     cluster.wait_for_workers(0, timeout_s=IDLE_TIMEOUT_S + 60)
 
 
-# The elastic run: 1 to 2 workers, 4 epochs of the tiny KG (~110 steps), a checkpoint every
-# 10 steps, Ray Train looking for more workers every 5 s.
-ELASTIC = ["train.num_workers=[1, 2]", "train.epochs=4", "train.eval_every=10",
+# The elastic run: 1 to 2 workers, 4 epochs of the tiny KG (124 steps, each made 0.25 s
+# longer by the test hook so that the run outlasts the drain's deadline and two restarts),
+# a checkpoint every 10 steps, Ray Train looking for more workers every 5 s.
+ELASTIC = ["train.num_workers=[1, 2]", "train.epochs=4", "train.step_delay_s=0.25",
+           "train.eval_every=10",
            "train.resize_interval_s=5", "train.max_failures=3", "model.entity_repr=table"]
 
 
 def test_elastic_training_survives_a_preempted_and_a_killed_node(cluster, tmp_path):
-    """An elastic run (1 to 2 workers): at step 8 a node is drained as preempted with a 20 s
+    """An elastic run (1 to 2 workers): at step 8 a node is drained as preempted with a 10 s
     deadline and reclaimed then; 6 steps into the next attempt another node dies outright.
     The run finishes on what is left and what the autoscaler adds: no step redone after the
     preemption (the just-in-time checkpoint, then no more steps), at most one checkpoint
@@ -171,7 +182,8 @@ def test_elastic_training_survives_a_preempted_and_a_killed_node(cluster, tmp_pa
     the global batch's), and the figures of one uninterrupted process."""
     cfg, overrides = _config(tmp_path / "elastic", *ELASTIC)
     run = run_with_faults(cluster, ["run", DEMO, f"run_dir={cfg.run_dir}", *overrides,
-                                    f"ray.address={cluster.address}"], Path(cfg.run_dir))
+                                    f"ray.address={cluster.address}"], Path(cfg.run_dir),
+                          deadline_s=10.0)
     assert run["returncode"] == 0, run["log"][-6000:]
     summary = json.loads((Path(cfg.run_dir) / "train" / "summary.json").read_text())
     attempts, redone = run["attempts"], run["redone"]
@@ -179,28 +191,16 @@ def test_elastic_training_survives_a_preempted_and_a_killed_node(cluster, tmp_pa
     assert preemption["nodes"] == [run["drained_node"]]
     assert "being preempted: checkpoint at step" in run["log"]
     # The attempt after the reclaim starts where the just-in-time checkpoint was written,
-    # which is the last step the preempted attempt took.
-    assert attempts[1]["from"] == preemption["step"] and redone[0] == 0
-    assert all(r <= 10 for r in redone[1:])  # at most one checkpoint interval
+    # which is the last step the preempted attempt took; the other restarts (the kill; a
+    # resize when a second node joined after the start) redo at most one checkpoint interval.
+    restarts = fault_restarts(run, preemption["step"])
+    assert restarts["drain"] == 0 and restarts["kill"] <= 10
+    assert all(r <= 10 for r in redone)
     assert summary["steps"] == attempts[-1]["steps"][-1] == len(summary["losses"])
     taken = sorted({n for a in attempts for n in a["steps"]})
     assert taken == list(range(1, summary["steps"] + 1))  # every step, none skipped
     assert len(summary["resumes"]) == len(attempts) - 1 >= 2
     _matches_one_process(cfg, overrides, tmp_path)
+    cluster.wait_for_workers(0, timeout_s=IDLE_TIMEOUT_S + 60)  # released once idle
 
 
-def test_ray_job_submit_runs_the_job_script(cluster, tmp_path):
-    """`ray job submit -- python jobs/run.py --config ...` against the cluster's dashboard
-    with the cluster's token (RAY_AUTH_MODE=token), as docs/cluster.md says."""
-    run_dir = tmp_path / "job"
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    done = subprocess.run(
-        [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{cluster.dashboard_port}",
-         "--runtime-env", "cluster/runtime_env.yaml", "--", sys.executable, "jobs/run.py",
-         "--config", DEMO,
-         f"run_dir={run_dir}", *TINY_RAY, "train.num_workers=1", "train.epochs=1",
-         "model.entity_repr=table"],
-        env=cluster.env(), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "succeeded" in done.stdout and "[eval] done" in done.stdout
-    assert RunLayout(run_dir).metrics_file("test").is_file()

@@ -263,6 +263,9 @@ class TrainConfig:
         "'elmm-ray[mlflow]' / 'elmm-ray[wandb]'; settings under `tracking`); mlflow and wandb "
         "also receive the resolved config, evaluation results and artifacts of every stage"
     )
+    step_delay_s: Float = Field(
+        0.0, description="fault-test hook: sleep this long after every optimizer step (a "
+        "slower model, so that a test's faults land mid-run; 0 = off)", ge=0)
     fail_at_step: Int | None = Field(
         None, description="fault-injection test hook: rank 0 of the first attempt exits at "
         "this step (null = off)", ge=1,

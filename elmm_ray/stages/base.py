@@ -93,7 +93,8 @@ STAGES: dict[str, Stage] = {}
 # Keys that say how a run executes, not what it computes: outside every stage's fingerprint.
 # The worker count and GPUs among them: the objective is the global batch's at any world size
 # and a checkpoint resumes at any worker count (figures equal within float rounding).
-RUN_ONLY_KEYS = ("train.fail_at_step", "train.max_failures", "train.cpus_per_worker",
+RUN_ONLY_KEYS = ("train.fail_at_step", "train.step_delay_s", "train.max_failures",
+                 "train.cpus_per_worker",
                  "train.num_workers", "train.use_gpu", "train.threads_per_worker",
                  "train.checkpoints_to_keep", "train.loggers", "images.num_cpus_per_task",
                  "images.max_shard_bytes", "eval.workers", "train.storage_path",

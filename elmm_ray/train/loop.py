@@ -542,6 +542,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
             engine.step()
             values.append(parts.value)
         step += 1
+        if tc.step_delay_s:
+            time.sleep(tc.step_delay_s)  # fault-test hook: a slower model
         if ledger is not None:
             ledger.write(f"{step}\n")
             ledger.flush()
