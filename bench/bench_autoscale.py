@@ -139,7 +139,7 @@ def main() -> None:
             if k in ("cold_start_to_first_step_s", "node_loss_to_resumed_step_s",
                      "reclaim_to_resumed_step_s", "steps_redone_drain", "steps_redone_kill",
                      "scale_down_s", "test_mrr_uninterrupted", "test_mrr_after_faults")]
-    print(format_table(["figure", "value"], rows))
+    print(format_table(rows, ["figure", "value"]))
     save("autoscale", results)
 
 

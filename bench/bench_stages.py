@@ -222,7 +222,7 @@ def overrides(quick: bool, backend: str, epochs: int, run_dir: str) -> list[str]
         from tests.tiny import TINY_DATA, TINY_MODEL
 
         return [*common, *TINY_DATA, *TINY_MODEL, "train.num_workers=1",
-                "train.cpus_per_worker=1", "train.batch_size=16", "eval.batch_size=64",
+                "train.cpus_per_worker=1", "train.global_batch_size=16", "eval.batch_size=64",
                 "prune.finetune_steps=2", "prune.calib_samples=8"]
     return [*common, "prune.finetune_steps=4", "prune.calib_samples=16"]
 

@@ -43,7 +43,7 @@ def _train(root: Path, name: str, data: Path, *overrides: str) -> dict:
     last = history[-1]
     return {"steps": last["step"], "workers": last["workers"],
             "train_seconds": last["train_seconds"],
-            "samples_per_s": last["step"] * cfg.train.batch_size * last["workers"]
+            "samples_per_s": last["step"] * cfg.train.global_batch_size
             / last["train_seconds"],
             "param_mb_rank0": history[0].get("param_mb"),
             "optimizer_mb_rank0": history[0].get("optimizer_mb")}

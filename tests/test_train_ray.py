@@ -154,16 +154,17 @@ LOSS_TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def resumed_runs(tmp_path_factory, base, ray_session):
     """The tiny run started on W workers, killed at step 9 (its checkpoint of step 6 is
-    kept), then resumed under the same Ray Train run on W' workers: 2 -> 1 and 1 -> 3."""
+    kept), then resumed under the same Ray Train run on W' workers: 2 -> 1 under ZeRO-2 and
+    1 -> 3 under ZeRO-3 (each rank holds a third of the weights and moments it restores)."""
     from ray.train import TrainingFailedError
 
     from elmm_ray.layout import absolute_paths
 
     runs = {}
-    for first, then in ((2, 1), (1, 3)):
+    for first, then, zero in ((2, 1, 2), (1, 3, 3)):
         name = f"resume_{first}to{then}"
         cfg = absolute_paths(_prepared_run(
-            tmp_path_factory, name, base, "deepspeed.zero_stage=2", "train.fail_at_step=9",
+            tmp_path_factory, name, base, f"deepspeed.zero_stage={zero}", "train.fail_at_step=9",
             "train.max_failures=0", "train.cpus_per_worker=0.6",
             f"train.num_workers={first}"))
         spec = LoopSpec(run_name=name)

@@ -96,6 +96,7 @@ STAGES: dict[str, Stage] = {}
 RUN_ONLY_KEYS = ("train.fail_at_step", "train.step_delay_s", "train.max_failures",
                  "train.cpus_per_worker",
                  "train.num_workers", "train.use_gpu", "train.threads_per_worker",
+                 "train.max_preemptions", "train.resize_interval_s",
                  "train.checkpoints_to_keep", "train.loggers", "images.num_cpus_per_task",
                  "images.max_shard_bytes", "eval.workers", "train.storage_path",
                  "storage_endpoint")

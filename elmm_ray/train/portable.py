@@ -50,6 +50,16 @@ def _partitioned(param) -> bool:
     return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
+def _check_reachable(model: torch.nn.Module, optimizer) -> None:
+    """DeepSpeed without ZeRO under bf16/fp16 (FP16_Optimizer / BF16_Optimizer) keeps its
+    fp32 masters and moments in flat copies no per-parameter API reaches: refuse it."""
+    if hasattr(optimizer, "fp32_groups_flat") and not any(
+            _partitioned(p) for _, p in trainable_named(model)):
+        raise ValueError("DeepSpeed without ZeRO under bf16/fp16 keeps its fp32 masters and "
+                         "moments where a portable checkpoint cannot reach them; use "
+                         "deepspeed.zero_stage >= 1 (or fp32)")
+
+
 def _adam_step(optimizer) -> float:
     """AdamW's step count (bias correction), from any parameter's state (0: none yet)."""
     for state in _inner_optimizer(optimizer).state.values():
@@ -64,6 +74,7 @@ def gather_training_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict
     ZeRO: every rank calls it, in the same order). Returns (weights, moments) by name."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    _check_reachable(model, optimizer)
     inner = _inner_optimizer(optimizer)
     weights, moments = {}, {}
     for name, param in trainable_named(model):
@@ -134,34 +145,69 @@ def load_weights(directory: str | Path, model: torch.nn.Module) -> dict:
 
 def load_optimizer(directory: str | Path, model: torch.nn.Module, optimizer, scheduler,
                    state: dict) -> None:
-    """Set AdamW's moments and step count and the schedule from a portable checkpoint (after
-    ``deepspeed.initialize``; every rank calls it, in the same order)."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
+    """Set the fp32 master weights, AdamW's moments and step count and the schedule from a
+    portable checkpoint (after ``deepspeed.initialize``, which made its masters from the
+    model's weights, rounded to bf16/fp16 under mixed precision; every rank calls it, in
+    the same order)."""
     moments = load_file(str(Path(directory) / PORTABLE / OPTIMIZER))
+    weights = load_file(str(Path(directory) / PORTABLE / WEIGHTS))
     inner = _inner_optimizer(optimizer)
+    _check_reachable(model, optimizer)
     step = state["adam_step"]
     _create_zero_states(optimizer, inner, step)
     for name, param in trainable_named(model):
+        if _partitioned(param):  # exact fp32, not the bf16/fp16 model copy's rounding
+            _set_full(param, weights[name])
         for key in MOMENTS:
             value = moments.get(f"{key}.{name}")
             if value is None:
                 continue
             if _partitioned(param):
-                safe_set_full_optimizer_state(param, value, key)
+                _set_full(param, value, key)
             else:
                 slot = inner.state[param]
                 slot.setdefault("step", torch.tensor(step))
                 slot[key] = value.to(param.device, param.dtype)
     for slot in inner.state.values():  # bias correction continues where it stopped
-        if "step" in slot:
+        if "step" in slot:  # a tensor for torch's optimizers, an int for DeepSpeed's own
             slot["step"] = (torch.tensor(step, dtype=slot["step"].dtype)
-                            if torch.is_tensor(slot["step"]) else step)
+                            if torch.is_tensor(slot["step"]) else type(slot["step"])(step))
     if scheduler is not None and state.get("scheduler"):
         scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(),
                              strict=True):
             group["lr"] = lr
+
+
+def _set_full(param, value: torch.Tensor, key: str | None = None) -> None:
+    """Set a ZeRO-partitioned parameter's whole fp32 master (``key`` None) or optimizer
+    state ``key`` from ``value``. Under ZeRO-3 each rank sets its own partition from the
+    value zero-padded to the partitions' total: DeepSpeed 0.19's
+    ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` take the last rank's
+    slice past the end when the world size does not divide the parameter (measured: a
+    1,024-element bias on 3 ranks)."""
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
+
+    if not hasattr(param, "ds_id"):  # ZeRO 1/2
+        if key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    part = param.ds_tensor.numel()
+    rank = param._z3_optimizer._get_param_partition_rank(param)
+    flat = value.flatten().float()
+    flat = torch.cat([flat, flat.new_zeros(max(0, part * (rank + 1) - flat.numel()))])
+    mine = flat[rank * part : (rank + 1) * part].to(param.ds_tensor.device)
+    if key is None:
+        safe_set_local_fp32_param(param, mine)
+    else:
+        safe_set_local_optimizer_state(param, mine, key)
 
 
 def _create_zero_states(optimizer, inner, step: float) -> None:
@@ -173,7 +219,10 @@ def _create_zero_states(optimizer, inner, step: float) -> None:
     for flat in flats:
         slot = inner.state[flat]
         if not all(key in slot for key in MOMENTS):
-            slot["step"] = torch.tensor(float(step))
+            # torch's AdamW keeps its step as a tensor, DeepSpeed's fused / CPU Adam as an int
+            slot["step"] = (torch.tensor(float(step)) if isinstance(inner, torch.optim.Optimizer)
+                            and not type(inner).__module__.startswith("deepspeed")
+                            else int(step))
             for key in MOMENTS:
                 slot[key] = torch.zeros_like(flat)
     if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
