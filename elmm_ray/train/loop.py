@@ -17,6 +17,7 @@ whether it is a fresh model or a saved pruned one, and where outputs go.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -215,7 +216,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     step, history, seconds_before, eval_seconds, losses, resumes = 0, [], 0.0, 0.0, [], []
     preemptions: list[dict] = []
     noticed: list | None = None  # the preempted nodes a checkpoint was written for
-    step_seconds: list[float] = []
+    step_seconds: collections.deque[float] = collections.deque(maxlen=20)  # recent steps
     resumed = session.resumed_state
     best_mrr = _kept_best_mrr(out, rank) if resumed else None
     if not resumed and rank == 0:  # a fresh run: an older run's best is not this one's
@@ -351,7 +352,7 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
         step_seconds.append(time.perf_counter() - step_start)
         notice = session.preempted()
         if notice is not None and notice["nodes"] != noticed and session.any_rank(
-                checkpoint_due(notice, float(np.mean(step_seconds[-20:])),
+                checkpoint_due(notice, float(np.mean(step_seconds)),
                                session.checkpoint_seconds)):
             noticed = notice["nodes"]
             checkpoint_before_preemption(epoch, notice)
