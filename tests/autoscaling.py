@@ -40,9 +40,10 @@ LOOPBACK = "127.0.0.1"
 
 
 class LoopbackFakeProvider(FakeMultiNodeProvider):
-    """Ray's fake multi-node provider with every node on 127.0.0.1 and under the head's temp
-    dir (``RAY_TMPDIR``). A node type's ``resources`` may name GPUs: its raylet advertises
-    them (logical GPUs: the scheduler's path, no device)."""
+    """Ray's fake multi-node provider with every node on 127.0.0.1 and a temp dir of its own
+    beside the head's (``RAY_TMPDIR``), in the cluster's root. A node type's ``resources``
+    may name GPUs: its raylet advertises them (logical GPUs: the scheduler's path, no
+    device)."""
 
     def _create_node_with_resources_and_labels(self, node_config, tags, count, resources,
                                                labels):
@@ -61,10 +62,16 @@ class LoopbackFakeProvider(FakeMultiNodeProvider):
         with self.lock:
             node_type = tags[TAG_RAY_USER_NODE_TYPE]
             next_id = self._next_hex_node_id()
+            # A temp dir per node, as every machine of a real cluster has its own disk: the
+            # working_dir packages of `ray job submit` are unpacked by each node's runtime-env
+            # agent into its own session dir, never into a directory another node's agent
+            # and workers use at the same time. A short name: Ray's sockets live under it.
+            self._launched = getattr(self, "_launched", 0) + 1
+            temp_dir = Path(os.environ["RAY_TMPDIR"]).parent / f"n{self._launched}"
             params = ray._private.parameter.RayParams(
                 node_ip_address=LOOPBACK, min_worker_port=0, max_worker_port=0,
                 dashboard_port=None, dashboard_agent_listen_port=0,
-                temp_dir=os.environ.get("RAY_TMPDIR"),
+                temp_dir=str(temp_dir),
                 num_cpus=resources.pop("CPU", 0), num_gpus=resources.pop("GPU", 0),
                 object_store_memory=resources.pop("object_store_memory", None),
                 resources=resources, labels=labels,
@@ -201,11 +208,13 @@ class LocalAutoscalingCluster:
             time.sleep(1.0)
 
     def training_nodes(self) -> list[str]:
-        """The nodes that host a live Ray Train worker (Ray's state API)."""
+        """The nodes that host a live Ray Train worker (Ray's state API, at this cluster's
+        address: another Ray instance on the machine must not be asked)."""
         return self.probe(
             "from ray.util.state import list_actors\n"
-            "result = sorted({a.node_id for a in list_actors(filters=[('state', '=', "
-            "'ALIVE')], limit=10000) if 'RayTrainWorker' in (a.class_name or '')})")
+            f"result = sorted({{a.node_id for a in list_actors(address={self.address!r}, "
+            "filters=[('state', '=', 'ALIVE')], limit=10000) "
+            "if 'RayTrainWorker' in (a.class_name or '')})")
 
     def raylet_pid(self, node: dict) -> int | None:
         """The pid of a node's raylet (its socket name is on its command line); ``None`` when
@@ -352,8 +361,16 @@ def run_with_faults(cluster: LocalAutoscalingCluster, args: list[str], run_dir: 
         events["first_step"] = _wait(lambda: steps() >= 1 and time.time(), timeout_s, proc,
                                      "a first step") - started
         if drain_at_step is not None:
-            _wait(lambda: steps() >= drain_at_step and len(cluster.training_nodes()) >= 2,
-                  timeout_s, proc, f"step {drain_at_step} on two nodes")
+            # Two workers training: the ledger's last attempt has two and has taken a step
+            # (an elastic run may start on one node and grow when the second comes up).
+            def two_workers_stepping() -> bool:
+                a = read_ledger(run_dir)
+                return (sum(len(x["steps"]) for x in a) >= drain_at_step
+                        and a[-1]["workers"] >= 2 and bool(a[-1]["steps"])
+                        and len(cluster.training_nodes()) >= 2)
+
+            _wait(two_workers_stepping, timeout_s, proc, f"step {drain_at_step} on two nodes")
+            before = len(read_ledger(run_dir))
             hosts = cluster.training_nodes()
             drained = next(n for n in cluster.worker_nodes() if n["id"] in hosts)
             done = subprocess.run(
@@ -371,7 +388,9 @@ def run_with_faults(cluster: LocalAutoscalingCluster, args: list[str], run_dir: 
             out["drained_node_was_up_at_deadline"] = cluster.kill_node(drained)
             events["reclaim"] = time.time() - started
             out["drained_node"] = drained["id"]
-            _wait(lambda: len(a := read_ledger(run_dir)) >= 2 and a[1]["steps"], timeout_s,
+            # A step in an attempt that started after the drain (the attempt right after it
+            # may have been preempted in turn before its first step, when it was a resize).
+            _wait(lambda: any(a["steps"] for a in read_ledger(run_dir)[before:]), timeout_s,
                   proc, "a step after the preemption")
             events["resumed_after_reclaim"] = time.time() - started
         if kill_after_steps is not None:
