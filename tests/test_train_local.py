@@ -125,3 +125,22 @@ def test_the_schedule_counts_optimizer_steps_with_accumulation():
     assert lrs == pytest.approx([0.0025, 0.005, 0.005, 0.0075, 0.0075, 0.01])
     assert torch.equal(values[0], torch.ones(3))  # no step after the first micro-step
     assert not torch.equal(values[1], values[0]) and torch.equal(values[2], values[1])
+
+
+def test_startup_phases_split_a_fit_and_tolerate_an_attempt_without_steps():
+    """train_ray's profile of a fit from rank 0's marks: consecutive phases that add up to the
+    time to the first step; an attempt resumed at its last step (no step) still profiles."""
+    from elmm_ray.train.trainer import startup_phases
+
+    marks = {"process": 103.0, "entered": 106.0, "imports": 107.5, "dataset": 107.6,
+             "model": 108.0, "queries": 108.1, "engine": 110.0, "first_step": 110.5,
+             "last_step": 130.0}
+    phases = startup_phases(marks, fit_called=100.0, fit_returned=131.0)
+    assert phases["to_worker_process"] == 3.0 and phases["worker_start"] == 3.0
+    assert phases["engine"] == 1.9 and phases["first_step"] == 0.5
+    assert phases["to_first_step"] == 10.5 and phases["after_last_step"] == 1.0
+    assert phases["fixed"] == 11.0 and phases["fit"] == 31.0
+    no_step = {k: v for k, v in marks.items() if k not in ("first_step", "last_step")}
+    phases = startup_phases(no_step, fit_called=100.0, fit_returned=111.0)
+    assert "to_first_step" not in phases and phases["fixed"] == 11.0
+    assert startup_phases(None, 0.0, 1.0) == {}

@@ -131,6 +131,13 @@ def test_zero2_two_workers_match_single_process(local_reference, zero2_run):
     # Checkpoints kept: the best by validation MRR plus the latest.
     assert 1 <= len(summary["best_checkpoints"]) <= cfg.train.checkpoints_to_keep
     _assert_metrics_follow(local_cfg, cfg)
+    # The fit's start-up profile: every phase up to the first step, in order, within the fit.
+    startup = summary["startup"]
+    phases = ["to_worker_process", "worker_start", "imports", "dataset", "model", "queries",
+              "engine", "first_step"]
+    assert all(startup[p] >= 0 for p in phases), startup
+    assert abs(sum(startup[p] for p in phases) - startup["to_first_step"]) < 0.01
+    assert 0 < startup["fixed"] < startup["fit"] and startup["after_last_step"] >= 0
 
 
 def _assert_metrics_follow(reference_cfg, cfg) -> dict:

@@ -38,10 +38,13 @@ def run_train(ctx: StageContext) -> dict:
     summary = train(ctx.cfg, ctx.kg, spec, show_progress=ctx.show_progress,
                     tune_trial=ctx.tune_trial)
     history = summary["history"]
-    return {"backend": ctx.cfg.train.backend, "steps": summary["steps"],
-            "train_seconds": summary["train_seconds"],
-            "model_dir": str(ctx.layout.trained_model),
-            "best_val_mrr": max((h["val_mrr"] for h in history), default=None)}
+    payload = {"backend": ctx.cfg.train.backend, "steps": summary["steps"],
+               "train_seconds": summary["train_seconds"],
+               "model_dir": str(ctx.layout.trained_model),
+               "best_val_mrr": max((h["val_mrr"] for h in history), default=None)}
+    if summary.get("startup"):  # Ray Train: where the fit's time outside the loop went
+        payload["startup_seconds"] = summary["startup"]
+    return payload
 
 
 def _trained(layout: RunLayout, cfg: Config) -> bool:

@@ -191,7 +191,8 @@ def _kept_best_mrr(out: Path, rank: int) -> float | None:
 
 def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.ndarray,
              engine, session, out: Path, *, progress: Callable[[dict], None] | None = None,
-             gather=None, after_best: Callable[[], None] | None = None) -> dict:
+             gather=None, after_best: Callable[[], None] | None = None,
+             startup: dict[str, float] | None = None) -> dict:
     """Train ``ctx.model`` on ``queries`` with ``engine``; validate every
     ``train.eval_every`` steps (default: each epoch) and report through ``session``; save
     the trainable weights to ``<out>/model`` and the summary (steps, seconds, losses,
@@ -204,7 +205,9 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     directory: pushed with the round, so a rank 0 restarted on another node keeps it).
     A resumed session (``session.resumed_state``) continues from its step at any world size
     and says so (``progress`` gets ``{"event": "resumed", "text": ...}``; the summary's
-    ``resumes`` lists every resume)."""
+    ``resumes`` lists every resume). ``startup``: this attempt's start-up marks (epoch
+    seconds, in order: a Ray Train worker's process start, imports, data, model, engine);
+    the summary keeps them with ``first_step`` and ``last_step`` added."""
     tc, model = cfg.train, ctx.model
     rank, world = session.rank, session.world
     batches = QueryBatches(queries, tc.global_batch_size // tc.grad_accum, tc.seed,
@@ -331,6 +334,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
             engine.step()
             values.append(parts.value)
         step += 1
+        if startup is not None and "first_step" not in startup:
+            startup["first_step"] = time.time()
         if tc.step_delay_s:
             time.sleep(tc.step_delay_s)  # fault-test hook: a slower model
         if ledger is not None:
@@ -360,6 +365,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
     if last is not None and (not history or history[-1]["step"] != step):
         validate(*last)  # stopped by train.max_minutes between validation rounds
     seconds = time.perf_counter() - start
+    if startup is not None:
+        startup["last_step"] = time.time()
     if ledger is not None:
         ledger.close()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -368,6 +375,8 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
             save_trainable(model, out / MODEL_SUBDIR)
     summary = {"steps": step, "train_seconds": seconds, "losses": losses, "history": history,
                "resumes": resumes, "preemptions": preemptions}
+    if startup is not None:
+        summary["startup"] = startup
     if rank == 0:
         write_json_atomic(out / "summary.json", summary)  # the driver reads it (Ray Train)
         logger.finish(history, steps=step, seconds=seconds)
@@ -404,6 +413,7 @@ def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
 def train_loop_per_worker(config: dict) -> None:
     """The function a ``TorchTrainer`` runs on every worker: ``config`` holds the resolved
     config (``cfg``) and the :class:`LoopSpec` (``spec``) as plain dicts."""
+    marks = {"process": _process_start(), "entered": time.time()}
     cfg = config_from_dict(config["cfg"])
     spec = LoopSpec(**config["spec"])
     from elmm_ray.train import deepspeed as ds_setup
@@ -417,13 +427,17 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     ds_setup.disable_jit_ops()
+    marks["imports"] = time.time()
     layout = RunLayout.of(cfg)
     layout.pull_inputs()  # a remote run directory: this node's mirror gets the inputs
     kg = load_dataset(cfg)
+    marks["dataset"] = time.time()
     ctx = prepare_context(cfg, kg, spec)
+    marks["model"] = time.time()
     shard = ray.train.get_dataset_shard("train")
     queries = np.concatenate([b["data"] for b in shard.iter_batches(batch_format="numpy",
                                                                      batch_size=65536)])
+    marks["queries"] = time.time()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     steps = total_steps(cfg, optimizer_steps_per_epoch(cfg, queries))
@@ -446,6 +460,7 @@ def train_loop_per_worker(config: dict) -> None:
         if directory is not None:
             load_optimizer(directory, ctx.model, engine.optimizer, scheduler, state)
             resumed = resumed_state(directory, state, rank, cfg.train.seed)
+    marks["engine"] = time.time()
     zero3 = cfg.deepspeed.zero_stage == 3
 
     def gather(params):
@@ -456,9 +471,17 @@ def train_loop_per_worker(config: dict) -> None:
     run_loop(cfg, kg, ctx, queries, DeepSpeedEngine(engine, scheduler), session,
              layout.path(spec.out_subdir),
              progress=QueueProgress(sink) if sink is not None else None, gather=gather,
-             after_best=lambda: layout.push(f"{spec.out_subdir}/{BEST_SUBDIR}"))
+             after_best=lambda: layout.push(f"{spec.out_subdir}/{BEST_SUBDIR}"),
+             startup=marks)
     if rank == 0:
         layout.push(spec.out_subdir)  # rank 0's outputs, for the driver on another node
+
+
+def _process_start() -> float:
+    """When this process started (epoch seconds): a Ray Train worker's actor process."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 class QueueProgress:

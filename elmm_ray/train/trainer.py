@@ -157,7 +157,10 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     RunLayout.of(cfg).push()  # a remote run directory: what the workers read, for every node
     started = time.time()
     with driver_progress(stage, show_progress and not tune_trial) as queue:
-        result = build_trainer(cfg, kg, spec, tune_trial, queue).fit()
+        trainer = build_trainer(cfg, kg, spec, tune_trial, queue)
+        fit_called = time.time()
+        result = trainer.fit()
+        fit_returned = time.time()
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}") from result.error
     layout = RunLayout.of(cfg)
@@ -172,9 +175,40 @@ def train_ray(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
             "history": history, "losses": summary["losses"],
             "resumes": summary.get("resumes", []),
             "preemptions": summary.get("preemptions", []),
+            "startup": startup_phases(summary.get("startup"), fit_called, fit_returned),
             "checkpoint": checkpoint_uri(result.checkpoint),
             "best_checkpoints": [(checkpoint_uri(c), m.get("val_mrr"))
                                  for c, m in (result.best_checkpoints or [])]}
+
+
+def startup_phases(marks: dict[str, float] | None, fit_called: float,
+                   fit_returned: float) -> dict[str, float]:
+    """Where a ``TorchTrainer.fit`` spends the time outside its training loop, in seconds,
+    from rank 0's start-up marks of its last attempt (``run_loop``'s ``startup``) and the
+    driver's clock around ``fit()``: Ray Train's controller and worker group up to the
+    worker process, the process's own start (Ray's worker, the train function's imports),
+    the heavy imports, dataset, model, the training queries, the engine (and a checkpoint's
+    load), the first step; after the last step, the outputs and Ray Train's shutdown.
+    ``fixed`` is everything but the loop. With several nodes the clocks of two machines
+    meet here (differences of milliseconds under NTP). Empty without marks; an attempt that
+    took no step (resumed at its last) has no ``first_step``."""
+    if not marks:
+        return {}
+    names = {"process": "to_worker_process", "entered": "worker_start", "imports": "imports",
+             "dataset": "dataset", "model": "model", "queries": "queries", "engine": "engine",
+             "first_step": "first_step"}
+    phases, before = {}, fit_called
+    for mark, name in names.items():
+        if mark in marks:
+            phases[name] = round(marks[mark] - before, 3)
+            before = marks[mark]
+    after = fit_returned - marks.get("last_step", marks["engine"])
+    phases["after_last_step"] = round(after, 3)
+    if "first_step" in marks:
+        phases["to_first_step"] = round(marks["first_step"] - fit_called, 3)
+    phases["fixed"] = round(marks["engine"] - fit_called + after, 3)
+    phases["fit"] = round(fit_returned - fit_called, 3)
+    return phases
 
 
 # How much older than the start of fit() rank 0's summary may look (clocks of a shared
