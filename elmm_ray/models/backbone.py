@@ -51,7 +51,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         ) from None
 
 
-def build_tiny_llava(
+def tiny_llava_config(
     *,
     vision_hidden: int,
     vision_layers: int,
@@ -66,9 +66,8 @@ def build_tiny_llava(
     vocab_size: int,
     image_token_id: int,
     pad_token_id: int,
-    seed: int = 0,
-) -> LlavaForConditionalGeneration:
-    """A randomly initialised Llava (CLIP vision tower + Llama LLM) of the given sizes."""
+) -> LlavaConfig:
+    """The config of a tiny Llava (CLIP vision tower + Llama LLM) of the given sizes."""
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     vision = CLIPVisionConfig(
@@ -90,7 +89,7 @@ def build_tiny_llava(
         pad_token_id=pad_token_id,
         max_position_embeddings=4096,
     )
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_id=image_token_id,
@@ -98,6 +97,11 @@ def build_tiny_llava(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+def build_tiny_llava(*, seed: int = 0, **sizes: int) -> LlavaForConditionalGeneration:
+    """A randomly initialised Llava of the sizes of :func:`tiny_llava_config`."""
+    config = tiny_llava_config(**sizes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
