@@ -41,7 +41,7 @@ def _total(parts: dict[str, float]) -> dict[str, float]:
     rest = sum(parts.values())
     parts["runtime reserve (assumed)"] = RESERVE_GIB + RESERVE_SHARE * rest
     parts["total"] = sum(parts.values())
-    return {k: round(v, 3) for k, v in parts.items()}
+    return parts
 
 
 def precision_of(cfg: Config) -> str:
@@ -222,8 +222,8 @@ def stages(meta: MetaModel, cfg: Config, counts: Counts, hw: Hardware) -> tuple[
         importance = cfg.prune.method == "knowledge"
         mem = inference_memory(meta, cfg, micro_batch(cfg))
         if importance:  # gradients of every LLM weight for the importance scores
-            mem["LLM weight gradients"] = round(model_bytes * meta.params["llm"] / GIB, 3)
-            mem["total"] = round(mem["total"] + mem["LLM weight gradients"], 3)
+            mem["LLM weight gradients"] = model_bytes * meta.params["llm"] / GIB
+            mem["total"] += mem["LLM weight gradients"]
         fine_tune = cfg.prune.steps * cfg.prune.finetune_steps * step
         calib = cfg.prune.steps * cfg.prune.calib_samples * (llm + visual) * (3 if importance
                                                                               else 1)
@@ -233,5 +233,5 @@ def stages(meta: MetaModel, cfg: Config, counts: Counts, hw: Hardware) -> tuple[
                "prompt_tokens": meta.prompt_tokens, "train_steps": steps,
                "train_flops_per_step": step, "train_flops_per_step_grad_ckpt": step_ckpt,
                "tokens_per_step": per_step_seqs * meta.prompt_tokens,
-               "activations_gib": {k: round(v / GIB, 3) for k, v in acts.items()}}
+               "activations_gib": {k: v / GIB for k, v in acts.items()}}
     return out, figures
