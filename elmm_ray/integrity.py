@@ -20,16 +20,19 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from elmm_ray.layout import write_json_atomic
+from elmm_ray.remote import cache_root
 
 log = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"
 CORRUPT_SUFFIX = ".corrupt"
+QUIESCENT_S = 5.0  # a file this much older than its check may be trusted by a marker
 _CHUNK = 1 << 20
 
 
@@ -44,6 +47,29 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def verified_sha256(path: str | os.PathLike, expected: str) -> bool:
+    """Whether ``path`` hashes to ``expected``, hashed once per node and file version: a
+    match leaves a marker in this node's cache (``<cache_root>/_verified``, keyed by path,
+    device, inode, size and mtime), so the node's other processes trust it. A file modified
+    less than ``QUIESCENT_S`` before the check gets no marker (a rewrite within the
+    file system's timestamp granularity would otherwise keep its key)."""
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|"
+                         f"{st.st_mtime_ns}|{expected}".encode()).hexdigest()[:40]
+    marker = cache_root() / "_verified" / key
+    if marker.is_file():
+        return True
+    if sha256_file(path) != expected:
+        return False
+    if time.time() - st.st_mtime > QUIESCENT_S:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError as err:  # a read-only cache: every process hashes, as before
+            log.debug("no verification marker for %s: %s", path, err)
+    return True
 
 
 def file_record(path: str | os.PathLike) -> dict[str, Any]:

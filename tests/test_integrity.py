@@ -145,6 +145,27 @@ def test_corrupt_part_is_named_and_leaves_the_committed_set(tmp_path):
         F.FeatureStore.open(tmp_path)
 
 
+def test_a_part_is_hashed_once_per_node_and_a_later_flip_still_caught(tmp_path, monkeypatch):
+    from elmm_ray import integrity
+
+    monkeypatch.setenv("ELMM_RUN_CACHE", str(tmp_path / "node_cache"))
+    checksums = _hand_written_store(tmp_path / "store")
+    old = os.path.getmtime(tmp_path / "store" / F.PARTS / f"{sorted(checksums)[0]}.npy") - 60
+    for name in checksums:  # parts written a minute ago: quiescent
+        os.utime(tmp_path / "store" / F.PARTS / f"{name}.npy", (old, old))
+    hashed = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p) or real(p))
+    F.FeatureStore.open(tmp_path / "store").features_for(range(6))
+    assert len(hashed) == len(checksums)
+    F.FeatureStore.open(tmp_path / "store").features_for(range(6))  # another process
+    assert len(hashed) == len(checksums)  # the node's markers: no second hashing
+    part = sorted(checksums)[0]
+    flip_byte(tmp_path / "store" / F.PARTS / f"{part}.npy", 0.9)  # a new mtime: a new key
+    with pytest.raises(CorruptionError, match=rf"{part}\.npy"):
+        F.FeatureStore.open(tmp_path / "store").features_for(range(6))
+
+
 def test_corrupt_index_and_metadata_are_named(tmp_path):
     _hand_written_store(tmp_path)
     flip_byte(tmp_path / F.INDEX, 0.3)

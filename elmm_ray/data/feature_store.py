@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # torch is imported where it is used: the writer tasks do without it
     import torch
 
-from elmm_ray.integrity import CORRUPT_SUFFIX, CorruptionError, HashingWriter, sha256_file
+from elmm_ray.integrity import CORRUPT_SUFFIX, CorruptionError, HashingWriter, verified_sha256
 from elmm_ray.layout import RunLayout
 from elmm_ray.remote import cached_copy
 
@@ -500,9 +500,9 @@ class FeatureStore:
         if not expected:
             return
         size, full = loc.fs.get_file_info(loc.path(rel)).size, loc.is_local and os.environ.get(
-            "ELMM_VERIFY_PARTS", "full") != "size"  # "size": skip the hashing at scale
-        if size != expected["bytes"] or (full and sha256_file(loc.path(rel))
-                                         != expected["sha256"]):
+            "ELMM_VERIFY_PARTS", "full") != "size"  # "size": no hashing; else once a node
+        if size != expected["bytes"] or (full and not verified_sha256(loc.path(rel),
+                                                                     expected["sha256"])):
             uncommit_part(loc, part)
             raise CorruptionError(
                 f"corrupt feature-store part {loc.path(rel)}: {size} bytes or its sha256 differ "
