@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,34 +43,63 @@ class CorruptionError(ValueError):
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
+        return sha256_stream(f)
+
+
+def sha256_stream(f: Any) -> str:
+    """Hex sha256 of what is left to read of the binary file object ``f``."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        h.update(chunk)
     return h.hexdigest()
 
 
 def verified_sha256(path: str | os.PathLike, expected: str) -> bool:
-    """Whether ``path`` hashes to ``expected``, hashed once per node and file version: a
-    match leaves a marker in this node's cache (``<cache_root>/_verified``, keyed by path,
-    device, inode, size and mtime), so the node's other processes trust it. A file modified
-    less than ``QUIESCENT_S`` before the check gets no marker (a rewrite within the
-    file system's timestamp granularity would otherwise keep its key)."""
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|"
-                         f"{st.st_mtime_ns}|{expected}".encode()).hexdigest()[:40]
-    marker = cache_root() / "_verified" / key
-    if marker.is_file():
-        return True
-    if sha256_file(path) != expected:
+    """Whether ``path`` hashes to ``expected``, hashed once per node and file version.
+
+    A match leaves an empty marker in ``<cache_root>/_verified``, named by a digest of this
+    host's name, the real path, and the device, inode, size, mtime and ctime of the file
+    (``os.fstat`` of the descriptor that was hashed, taken before and after: a file that
+    changed while it was hashed gets no marker), and ``expected``. The node's other
+    processes then trust the part without hashing it. A rewrite, a rename over it or a
+    ``touch`` changes the key (ctime cannot be set back), so a part corrupted by any write
+    is hashed again and caught; corruption that changes no metadata (bit rot under the file
+    system) is caught only with ``ELMM_VERIFY_PARTS=every`` (hash on every open). The host
+    name keeps the markers per node when ``ELMM_RUN_CACHE`` or ``$HOME`` is shared over NFS.
+    A file whose mtime or ctime is less than ``QUIESCENT_S`` old gets no marker: a rewrite
+    within a coarse timestamp granularity could otherwise keep its key. Creating the
+    marker is idempotent (concurrent processes may both hash, and both create it)."""
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        if os.environ.get("ELMM_VERIFY_PARTS") != "every":
+            marker = cache_root() / "_verified" / _marker_key(path, before, expected)
+            if marker.is_file():
+                return True
+        else:
+            marker = None
+        found = sha256_stream(f)
+        after = os.fstat(f.fileno())
+    if found != expected:
         return False
-    if time.time() - st.st_mtime > QUIESCENT_S:
+    unchanged = _version(before) == _version(after)
+    if marker is not None and unchanged and (
+            time.time() - max(after.st_mtime, after.st_ctime) > QUIESCENT_S):
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
         except OSError as err:  # a read-only cache: every process hashes, as before
             log.debug("no verification marker for %s: %s", path, err)
     return True
+
+
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _marker_key(path: str | os.PathLike, st: os.stat_result, expected: str) -> str:
+    fields = (socket.gethostname(), os.path.realpath(path), *_version(st), expected)
+    return hashlib.sha256("|".join(map(str, fields)).encode()).hexdigest()[:40]
 
 
 def file_record(path: str | os.PathLike) -> dict[str, Any]:

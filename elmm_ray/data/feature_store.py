@@ -500,7 +500,7 @@ class FeatureStore:
         if not expected:
             return
         size, full = loc.fs.get_file_info(loc.path(rel)).size, loc.is_local and os.environ.get(
-            "ELMM_VERIFY_PARTS", "full") != "size"  # "size": no hashing; else once a node
+            "ELMM_VERIFY_PARTS", "full") != "size"  # "size": no hash; "every"; else once a node
         if size != expected["bytes"] or (full and not verified_sha256(loc.path(rel),
                                                                      expected["sha256"])):
             uncommit_part(loc, part)
