@@ -109,3 +109,14 @@ def test_sweep_cost(capsys):
     assert main(["plan", PAPER, "--space", str(REPO / "tune_spaces/compression.yaml")]) == 0
     out = capsys.readouterr().out
     assert "sweep" in out and "4 trials" in out and "ASHA spends" in out
+
+
+def test_zero_1_is_planned_as_configured_with_replicated_gradients():
+    plan = make_plan(load_config(PAPER, ["deepspeed.zero_stage=1"]))
+    rows = {r["stage"]: r for r in plan["stages"]}
+    assert [n for n, r in rows.items() if r["configured"] and n.startswith("train")] == [
+        "train ZeRO-1"]
+    z1, z2 = rows["train ZeRO-1"]["memory_parts_gib"], rows["train ZeRO-2"]["memory_parts_gib"]
+    assert z1["gradients"] == pytest.approx(z2["gradients"] * plan["workers"])
+    assert z1["optimizer states"] == pytest.approx(z2["optimizer states"])
+    assert z1["buffers"] > 0.2  # the fp32 entity cache (14,541 x 4096) and its kin

@@ -75,6 +75,7 @@ def model_states(meta: MetaModel, cfg: Config, zero: int, workers: int) -> dict[
     states = (4 if mixed else 0) + 8  # fp32 master copy (mixed precision) + Adam m, v
     parts = {"weights (frozen)": w * frozen / (workers if zero == 3 else 1),
              "weights (trained)": w * trainable / (workers if zero == 3 else 1)}
+    parts["buffers"] = buffer_bytes(meta)
     if zero == 3:
         parts["ZeRO-3 gathered layer"] = 4 * meta.largest_layer  # params + grads, 16-bit
     grads_per = workers if zero >= 2 else 1
@@ -82,9 +83,18 @@ def model_states(meta: MetaModel, cfg: Config, zero: int, workers: int) -> dict[
     parts["optimizer states"] = states * trainable / per
     if zero >= 2:
         parts["reduce buckets"] = 2 * BUCKET_ELEMENTS * w
-    if cfg.deepspeed.offload_optimizer:
+    if cfg.deepspeed.offload_optimizer:  # fp32 master, moments and gradients on the CPU
         parts["optimizer states"] = 0.0
+        parts["gradients"] = w * trainable / grads_per
+    if cfg.deepspeed.offload_params and zero == 3:  # only the gathered layers on the GPU
+        parts["weights (frozen)"] = parts["weights (trained)"] = 0.0
     return {k: v / GIB for k, v in parts.items()}
+
+
+def buffer_bytes(meta: MetaModel) -> int:
+    """The model's buffers (the fp32 entity cache, the entities' visual summaries, rotary
+    tables): on every GPU, never partitioned."""
+    return sum(b.numel() * b.element_size() for b in meta.elmm.buffers())
 
 
 def train_memory(meta: MetaModel, cfg: Config, zero: int, checkpointing: bool,
@@ -117,6 +127,7 @@ def inference_memory(meta: MetaModel, cfg: Config, batch: int, with_llm: bool = 
     parts: dict[str, float] = {}
     if with_llm:
         parts["weights"] = e * sum(meta.params.values()) / GIB
+        parts["buffers"] = buffer_bytes(meta) / GIB
         parts["input features (fp32 + model dtype)"] = (
             batch * patches * vision_cfg.hidden_size * (4 + e) / GIB)
         parts["MVTC intermediates (estimate)"] = (
@@ -206,7 +217,7 @@ def stages(meta: MetaModel, cfg: Config, counts: Counts, hw: Hardware) -> tuple[
         out.append(Stage("entity_init", data_gpus, inference_memory(
             meta, cfg, cfg.ray.data_batch_size), counts.entities * (llm_entity + visual_entity),
             "whole model, a batch of ray.data_batch_size entities"))
-    for zero in (2, 3):
+    for zero in sorted({cfg.deepspeed.zero_stage, 2, 3}):  # the configured one, 2 and 3
         for ckpt in (False, True):
             name = f"train ZeRO-{zero}" + (" + grad ckpt" if ckpt else "")
             flops = steps * (step_ckpt if ckpt else step) + validation

@@ -18,7 +18,7 @@ from elmm_ray.tables import format_table
 
 def _configured(name: str, cfg: Config) -> bool:
     if name.startswith("train"):
-        return name == f"train ZeRO-{max(cfg.deepspeed.zero_stage, 2)}"  # ZeRO-0/1 ~ 2
+        return name == f"train ZeRO-{cfg.deepspeed.zero_stage}"  # 0/1: replicated grads
     return True
 
 
@@ -96,6 +96,9 @@ def remedies(plan: dict, cfg: Config, hw: Hardware) -> list[str]:
                     and not k.startswith("runtime"))
         if name.startswith("train"):
             z3 = by_name["train ZeRO-3"]
+            z2 = by_name["train ZeRO-2"]
+            if cfg.deepspeed.zero_stage < 2 and z2["fits"]:
+                out.append(f"deepspeed.zero_stage=2 ({z2['gpu_memory_gib']:.1f} GiB)")
             if cfg.deepspeed.zero_stage < 3 and z3["fits"]:
                 out.append(f"deepspeed.zero_stage=3 ({z3['gpu_memory_gib']:.1f} GiB)")
             micro = plan["micro_batch"]
