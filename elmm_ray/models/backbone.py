@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from elmm_ray.data.pixels import CLIP_MEAN, CLIP_STD, clip_pixels
+from elmm_ray.models.hub import local_first, looks_like_local_path
 from elmm_ray.models.tokenizer import warn_remote_code
 
 _DTYPES = {
@@ -108,14 +109,6 @@ def build_tiny_llava(*, seed: int = 0, **sizes: int) -> LlavaForConditionalGener
     return model.eval()
 
 
-def _looks_like_local_path(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~"))
-        or name.count("/") > 1
-        or (os.sep != "/" and os.sep in name)
-    )
-
-
 def load_backbone(
     name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", *,
     trust_remote_code: bool = False,
@@ -132,17 +125,17 @@ def load_backbone(
                 "directory written by save_pretrained (config.json + *.safetensors)"
             )
         source = str(path)
-    elif _looks_like_local_path(name):
+    elif looks_like_local_path(name):
         raise BackboneLoadError(
             f"backbone directory {path} does not exist; set model.backbone to an existing "
             "local checkpoint directory or a hub id such as llava-hf/llava-1.5-7b-hf"
         )
     else:
         source = name
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            source, dtype=torch_dtype, use_safetensors=True,
-            trust_remote_code=warn_remote_code(source, trust_remote_code))
+    try:  # a hub id from this node's cache, fetched there once (elmm_ray.models.hub)
+        model = local_first(
+            LlavaForConditionalGeneration.from_pretrained, source, dtype=torch_dtype,
+            use_safetensors=True, trust_remote_code=warn_remote_code(source, trust_remote_code))
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = "HF_HUB_OFFLINE is set, so only the local cache is searched; " if offline else ""
@@ -163,7 +156,7 @@ def load_vision_tower(source: str, files: list[str], dtype: str | torch.dtype = 
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    config = local_first(AutoConfig.from_pretrained, source, trust_remote_code=trust_remote_code)
     vision = config.vision_config
     vision._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     tower = AutoModel.from_config(vision)
