@@ -86,8 +86,23 @@ def test_a_mismatch_is_named(override, message):
 def test_unknown_backbone_is_named_without_downloading(tmp_path):
     with pytest.raises(PlanError, match="no config.json"):
         make_plan(load_config(PAPER, [f"model.backbone={tmp_path}"]))
+    unknown = load_config(PAPER, ["model.backbone=someone/not-a-real-llava"])
     with pytest.raises(PlanError, match="neither a local directory nor a hub id"):
-        make_plan(load_config(PAPER, ["model.backbone=someone/not-a-real-llava"]))
+        make_plan(unknown)
+    check_before_run(unknown)  # no plan offline: said, and the run (which fetches it) goes on
+    with pytest.raises(PlanError, match="mvtc.heads"):  # a mismatch still stops the run
+        check_before_run(load_config(PAPER, ["mvtc.heads=7"]))
+    check_before_run(load_config(PAPER, ["mvtc.heads=7"]), ignore=True)  # unless told
+
+
+def test_run_refuses_before_any_stage(tmp_path, monkeypatch, capsys):
+    import elmm_ray.pipeline
+
+    monkeypatch.setattr(elmm_ray.pipeline, "run_all", lambda cfg: pytest.fail("ran"))
+    big = ["train.global_batch_size=1024", "model.backbone=llava-hf/llava-1.5-13b-hf",
+           f"run_dir={tmp_path / 'run'}"]
+    assert main(["run", PAPER, *big]) == 2
+    assert "does not fit" in capsys.readouterr().err
 
 
 def test_cluster_files_name_their_gpu_and_price():

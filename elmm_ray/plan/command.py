@@ -47,16 +47,17 @@ def check_before_run(cfg, ignore: bool = False) -> None:
     (a ``ValueError`` naming why and the remedies) unless ``ignore`` (``--ignore-plan``, or
     ``ELMM_IGNORE_PLAN=1`` for `ray job submit`). A plan that cannot be made (no dataset
     counts, no config.json offline) is said and the run goes on."""
-    from elmm_ray.plan.meta import PlanError
+    from elmm_ray.plan.meta import CheckpointUnavailable, PlanError
     from elmm_ray.plan.report import make_plan, summary_line
 
     ignore = ignore or os.environ.get(IGNORE_ENV, "") not in ("", "0")
     try:
         plan = make_plan(cfg)
-    except PlanError:
-        if ignore:
-            return
-        raise
+    except PlanError as err:
+        if not ignore and not isinstance(err, CheckpointUnavailable):
+            raise  # a shape mismatch: the run would fail on its GPUs
+        print(f"[plan] no plan before this run ({err})", file=sys.stderr)
+        return
     except (OSError, ValueError) as err:
         print(f"[plan] no plan before this run ({err})", file=sys.stderr)
         return

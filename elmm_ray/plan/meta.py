@@ -46,6 +46,11 @@ class PlanError(ValueError):
     """The configured model cannot be built: the message names the mismatch."""
 
 
+class CheckpointUnavailable(PlanError):
+    """A hub id whose config.json is neither shipped nor in the local HF cache: no plan
+    offline (the run itself may still fetch it)."""
+
+
 @dataclasses.dataclass
 class MetaModel:
     """The ELMM of a config on the meta device and what the plan reads from it."""
@@ -117,9 +122,10 @@ def _cached_hub_dir(name: str) -> Path:
     except Exception:  # noqa: BLE001 - not a valid repo id: the caller names the problem
         found = None
     if not isinstance(found, str):
-        raise PlanError(f"`model.backbone` = {name!r} is neither a local directory nor a hub "
-                        "id whose config.json is shipped or in the local HF cache (nothing is "
-                        f"downloaded); shipped: {', '.join(SHIPPED)}")
+        raise CheckpointUnavailable(
+            f"`model.backbone` = {name!r} is neither a local directory nor a hub id whose "
+            "config.json is shipped or in the local HF cache (nothing is downloaded); "
+            f"shipped: {', '.join(SHIPPED)}")
     return Path(found).parent
 
 
