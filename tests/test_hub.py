@@ -212,3 +212,28 @@ def test_a_failed_fetch_names_the_checkpoint_and_the_way_out(hf_cache):
     with pytest.raises(OSError, match=f"(?s){REPO_ID}.*no cached snapshot.*hf download"):
         hub.prefetch(REPO_ID, downloader=offline)
     assert not list(hf_cache.glob(".locks/elmm_ray/*.done"))  # nothing recorded
+
+
+def test_a_cached_hub_checkpoint_loads_without_the_hub(hf_cache, monkeypatch):
+    """The loaders pass local_files_only to transformers and read the snapshot of the cache
+    (a tiny Llava saved into the HF cache layout; HF_HUB_OFFLINE unset, the hub unreachable
+    by construction: every fetch fails)."""
+    import huggingface_hub.constants
+
+    from elmm_ray.data.feature_store import vision_geometry, vision_safetensors_files
+    from elmm_ray.models.backbone import build_tiny_llava, load_backbone, load_vision_tower
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_snapshot", lambda *a: pytest.fail("fetched from the hub"))
+    snapshot = _seed_cache(hf_cache)
+    build_tiny_llava(vision_hidden=32, vision_layers=2, vision_heads=4, image_size=32,
+                     patch_size=8, llm_hidden=32, llm_layers=1, llm_heads=4, llm_kv_heads=2,
+                     llm_intermediate=64, vocab_size=50, image_token_id=4,
+                     pad_token_id=0).save_pretrained(snapshot)
+    model = load_backbone(REPO_ID)
+    assert model.config.text_config.hidden_size == 32
+    files = vision_safetensors_files(REPO_ID)
+    assert files and all(f.startswith(str(snapshot)) for f in files)
+    assert sum(p.numel() for p in load_vision_tower(REPO_ID, files).parameters()) > 0
+    assert vision_geometry(REPO_ID, 1, -2)["tokens"] == 16
