@@ -13,6 +13,7 @@ from elmm_ray import console
 from elmm_ray.config import Config, ConfigError, format_keys, json_schema, load_config
 from elmm_ray.data.kg import DatasetError, load_kg
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
+from elmm_ray.plan.command import add_arguments, check_before_run, run_plan_command
 from elmm_ray.remote import is_uri
 from elmm_ray.tables import format_table
 
@@ -309,10 +310,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    return run_plan_command(absolute_paths(load_config(args.config, args.overrides)), args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from elmm_ray.pipeline import run_all
 
     cfg = _config(args)
+    if cfg.train.use_gpu:  # the plan's one line first; a plan that does not fit is refused
+        check_before_run(cfg, args.ignore_plan)
     result = run_all(cfg)
     metrics = result["metrics"]
     overall = metrics["overall"]
@@ -359,6 +366,8 @@ COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "tune": ("tune.search", "tune.scheduler", "tune.num_samples", "tune.metric", "tune.mode",
              "tune.objectives", "tune.max_concurrent_trials"),
     "export": ("export.checkpoint", "export.license"),
+    "plan": ("model.backbone", "mvtc.n_visual", "mvtc.n_text", "train.global_batch_size",
+             "train.grad_accum", "train.num_workers", "deepspeed.zero_stage", "eval.batch_size"),
 }
 
 
@@ -400,8 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("validate", "check a config without running anything").set_defaults(
         func=cmd_validate)
-    with_config("run", "the main job: synth -> pack -> extract -> train -> eval -> export"
-                ).set_defaults(func=cmd_run)
+    p = with_config("run", "the main job: synth -> pack -> extract -> train -> eval -> export")
+    p.add_argument("--ignore-plan", action="store_true", help="with train.use_gpu: run even "
+                   "when `elmm-ray plan` says it does not fit (jobs: ELMM_IGNORE_PLAN=1)")
+    p.set_defaults(func=cmd_run)
+    p = with_config("plan", "memory per GPU, time and cost of every stage, from the "
+                    "checkpoint's config.json alone (nothing downloaded); exit 3: does not fit")
+    add_arguments(p)  # --cluster, --json, --space, --mfu
+    p.set_defaults(func=cmd_plan)
     with_config("train", "train a model (train.backend=local or ray)").set_defaults(
         func=cmd_train)
     p = with_config("eval", "filtered ranking: CONFIG, RUN_DIR or an exported MODEL_DIR")

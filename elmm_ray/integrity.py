@@ -20,16 +20,20 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from elmm_ray.layout import write_json_atomic
+from elmm_ray.remote import cache_root
 
 log = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"
 CORRUPT_SUFFIX = ".corrupt"
+QUIESCENT_S = 5.0  # a file this much older than its check may be trusted by a marker
 _CHUNK = 1 << 20
 
 
@@ -39,11 +43,63 @@ class CorruptionError(ValueError):
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
+        return sha256_stream(f)
+
+
+def sha256_stream(f: Any) -> str:
+    """Hex sha256 of what is left to read of the binary file object ``f``."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def verified_sha256(path: str | os.PathLike, expected: str) -> bool:
+    """Whether ``path`` hashes to ``expected``, hashed once per node and file version.
+
+    A match leaves an empty marker in ``<cache_root>/_verified``, named by a digest of this
+    host's name, the real path, and the device, inode, size, mtime and ctime of the file
+    (``os.fstat`` of the descriptor that was hashed, taken before and after: a file that
+    changed while it was hashed gets no marker), and ``expected``. The node's other
+    processes then trust the part without hashing it. A rewrite, a rename over it or a
+    ``touch`` changes the key (ctime cannot be set back), so a part corrupted by any write
+    is hashed again and caught; corruption that changes no metadata (bit rot under the file
+    system) is caught only with ``ELMM_VERIFY_PARTS=every`` (hash on every open). The host
+    name keeps the markers per node when ``ELMM_RUN_CACHE`` or ``$HOME`` is shared over NFS.
+    A file whose mtime or ctime is less than ``QUIESCENT_S`` old gets no marker: a rewrite
+    within a coarse timestamp granularity could otherwise keep its key. Creating the
+    marker is idempotent (concurrent processes may both hash, and both create it)."""
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        if os.environ.get("ELMM_VERIFY_PARTS") != "every":
+            marker = cache_root() / "_verified" / _marker_key(path, before, expected)
+            if marker.is_file():
+                return True
+        else:
+            marker = None
+        found = sha256_stream(f)
+        after = os.fstat(f.fileno())
+    if found != expected:
+        return False
+    unchanged = _version(before) == _version(after)
+    if marker is not None and unchanged and (
+            time.time() - max(after.st_mtime, after.st_ctime) > QUIESCENT_S):
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError as err:  # a read-only cache: every process hashes, as before
+            log.debug("no verification marker for %s: %s", path, err)
+    return True
+
+
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _marker_key(path: str | os.PathLike, st: os.stat_result, expected: str) -> str:
+    fields = (socket.gethostname(), os.path.realpath(path), *_version(st), expected)
+    return hashlib.sha256("|".join(map(str, fields)).encode()).hexdigest()[:40]
 
 
 def file_record(path: str | os.PathLike) -> dict[str, Any]:

@@ -176,3 +176,23 @@ def save_ray_logs(dest: str | Path, max_file_bytes: int = 50 * 2**20) -> int:
             continue
         copied += 1
     return copied
+
+
+def on_every_other_node(fn, *args, done: set[str] | None = None) -> list[str]:
+    """``fn(*args)`` once on every alive node but this one (a CPU-free task pinned to each,
+    Ray up), skipping and then adding to ``done`` (node ids); returns the nodes it ran on.
+    Without Ray, or on one node: nothing."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        return []
+    done = set() if done is None else done
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n["NodeID"] for n in ray.nodes()
+             if n.get("Alive") and n["NodeID"] != here and n["NodeID"] not in done]
+    task = ray.remote(num_cpus=0, max_retries=1)(fn)
+    ray.get([task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                          ).remote(*args) for node in nodes])
+    done.update(nodes)
+    return nodes

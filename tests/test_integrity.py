@@ -145,6 +145,69 @@ def test_corrupt_part_is_named_and_leaves_the_committed_set(tmp_path):
         F.FeatureStore.open(tmp_path)
 
 
+def _count_hashing(monkeypatch, also=None) -> list:
+    from elmm_ray import integrity
+
+    hashed: list = []
+    real = integrity.sha256_stream
+
+    def counting(f):
+        hashed.append(f.name)
+        if also:
+            also(f.name)
+        return real(f)
+
+    monkeypatch.setattr(integrity, "sha256_stream", counting)
+    return hashed
+
+
+def _part_file(tmp_path: Path, checksums: dict, i: int = 0) -> Path:
+    return tmp_path / "store" / F.PARTS / f"{sorted(checksums)[i]}.npy"
+
+
+def test_a_part_is_hashed_once_per_node_and_a_later_flip_still_caught(tmp_path, monkeypatch):
+    from elmm_ray import integrity
+
+    monkeypatch.setenv("ELMM_RUN_CACHE", str(tmp_path / "node_cache"))
+    monkeypatch.setattr(integrity, "QUIESCENT_S", -1.0)  # parts count as settled at once
+    checksums = _hand_written_store(tmp_path / "store")
+    hashed = _count_hashing(monkeypatch)
+    F.FeatureStore.open(tmp_path / "store").features_for(range(6))
+    assert len(hashed) == len(checksums)
+    F.FeatureStore.open(tmp_path / "store").features_for(range(6))  # another process
+    assert len(hashed) == len(checksums)  # the node's markers: no second hashing
+    monkeypatch.setenv("ELMM_VERIFY_PARTS", "every")  # the paranoid mode hashes every open
+    F.FeatureStore.open(tmp_path / "store").features_for(range(6))
+    assert len(hashed) == 2 * len(checksums)
+    monkeypatch.delenv("ELMM_VERIFY_PARTS")
+    monkeypatch.setattr(integrity.socket, "gethostname", lambda: "another-node")
+    F.FeatureStore.open(tmp_path / "store").features_for(range(6))  # a shared cache dir
+    assert len(hashed) == 3 * len(checksums)  # another node hashes for itself
+    path = _part_file(tmp_path, checksums)
+    st = os.stat(path)
+    flip_byte(path, 0.9)  # in place, the mtime set back: the ctime still moves, a new key
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+    with pytest.raises(CorruptionError, match=rf"{path.name}"):
+        F.FeatureStore.open(tmp_path / "store").features_for(range(6))
+
+
+def test_no_marker_for_a_part_just_written_or_changed_while_hashed(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELMM_RUN_CACHE", str(tmp_path / "node_cache"))
+    checksums = _hand_written_store(tmp_path / "store")  # written now: not yet quiescent
+    hashed = _count_hashing(monkeypatch)
+    for _ in range(2):
+        F.FeatureStore.open(tmp_path / "store").features_for(range(6))
+    assert len(hashed) == 2 * len(checksums)
+    assert not (tmp_path / "node_cache" / "_verified").exists()
+    from elmm_ray import integrity
+
+    monkeypatch.setattr(integrity, "QUIESCENT_S", -1.0)
+    hashed = _count_hashing(monkeypatch, also=os.utime)  # touched while being hashed
+    F.FeatureStore.open(tmp_path / "store").features_for(range(6))
+    assert not (tmp_path / "node_cache" / "_verified").exists()
+
+
 def test_corrupt_index_and_metadata_are_named(tmp_path):
     _hand_written_store(tmp_path)
     flip_byte(tmp_path / F.INDEX, 0.3)

@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "pruning": 2, "eval": 2, "export": 2,
     "train": 3, "ray_session": 3,
     "stages": 4,
-    "pipeline": 5, "tune": 5, "cli": 5, "__main__": 5,
+    "pipeline": 5, "tune": 5, "plan": 5, "cli": 5, "__main__": 5,
 }
 
 # Where Ray and DeepSpeed may be imported (module names or package prefixes).

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:  # torch is imported where it is used: the writer tasks do without it
     import torch
 
-from elmm_ray.integrity import CORRUPT_SUFFIX, CorruptionError, HashingWriter, sha256_file
+from elmm_ray.integrity import CORRUPT_SUFFIX, CorruptionError, HashingWriter, verified_sha256
 from elmm_ray.layout import RunLayout
 from elmm_ray.remote import cached_copy
 
@@ -285,25 +285,19 @@ def _combine(digests: list[str]) -> str:
 def vision_safetensors_files(source: str) -> list[str]:
     """The safetensors files of ``source`` holding its vision tower (none: not safetensors)."""
     path = Path(source).expanduser()
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return sorted({str(path / f) for k, f in weight_map.items() if "vision_tower." in k})
-        return sorted(str(p) for p in path.glob("*.safetensors"))
-    try:  # a hub id: fetch (or find in the cache) only the files holding the vision tower
-        from huggingface_hub import hf_hub_download
+    if not path.is_dir():
+        try:  # a hub id: its snapshot in this node's cache, fetched once a node (models.hub)
+            from elmm_ray.models.hub import local_dir
 
-        try:
-            index = hf_hub_download(source, "model.safetensors.index.json")
-        except Exception:  # noqa: BLE001 - single-file checkpoint (or no safetensors)
-            return [hf_hub_download(source, "model.safetensors")]
-        weight_map = json.loads(Path(index).read_text())["weight_map"]
-        files = sorted({f for k, f in weight_map.items() if "vision_tower." in k})
-        return [hf_hub_download(source, f) for f in files]
-    except Exception as err:  # noqa: BLE001 - fall back to loading the model
-        log.info("no safetensors for %s (%s); hashing the loaded vision tower", source, err)
-        return []
+            path = Path(local_dir(source))
+        except Exception as err:  # noqa: BLE001 - fall back to loading the model
+            log.info("no snapshot of %s (%s); loading the whole model", source, err)
+            return []
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({str(path / f) for k, f in weight_map.items() if "vision_tower." in k})
+    return sorted(str(p) for p in path.glob("*.safetensors"))
 
 
 def vision_geometry(source: str, pool: int, layer: int, trust_remote_code: bool = False
@@ -312,9 +306,10 @@ def vision_geometry(source: str, pool: int, layer: int, trust_remote_code: bool 
     from transformers import AutoConfig
 
     from elmm_ray.models.backbone import num_image_tokens
+    from elmm_ray.models.hub import local_first
 
-    vision = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code
-                                        ).vision_config
+    vision = local_first(AutoConfig.from_pretrained, source,
+                         trust_remote_code=trust_remote_code).vision_config
     layers = vision.num_hidden_layers
     if not -(layers + 1) <= layer <= layers:
         raise ValueError(f"vision_feature_layer {layer} is outside the {layers}-layer tower "
@@ -500,9 +495,9 @@ class FeatureStore:
         if not expected:
             return
         size, full = loc.fs.get_file_info(loc.path(rel)).size, loc.is_local and os.environ.get(
-            "ELMM_VERIFY_PARTS", "full") != "size"  # "size": skip the hashing at scale
-        if size != expected["bytes"] or (full and sha256_file(loc.path(rel))
-                                         != expected["sha256"]):
+            "ELMM_VERIFY_PARTS", "full") != "size"  # "size": no hash; "every"; else once a node
+        if size != expected["bytes"] or (full and not verified_sha256(loc.path(rel),
+                                                                     expected["sha256"])):
             uncommit_part(loc, part)
             raise CorruptionError(
                 f"corrupt feature-store part {loc.path(rel)}: {size} bytes or its sha256 differ "

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from elmm_ray.data.pixels import CLIP_MEAN, CLIP_STD, clip_pixels
+from elmm_ray.models.hub import local_first, looks_like_local_path
 from elmm_ray.models.tokenizer import warn_remote_code
 
 _DTYPES = {
@@ -51,7 +52,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         ) from None
 
 
-def build_tiny_llava(
+def tiny_llava_config(
     *,
     vision_hidden: int,
     vision_layers: int,
@@ -66,9 +67,8 @@ def build_tiny_llava(
     vocab_size: int,
     image_token_id: int,
     pad_token_id: int,
-    seed: int = 0,
-) -> LlavaForConditionalGeneration:
-    """A randomly initialised Llava (CLIP vision tower + Llama LLM) of the given sizes."""
+) -> LlavaConfig:
+    """The config of a tiny Llava (CLIP vision tower + Llama LLM) of the given sizes."""
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     vision = CLIPVisionConfig(
@@ -90,7 +90,7 @@ def build_tiny_llava(
         pad_token_id=pad_token_id,
         max_position_embeddings=4096,
     )
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_id=image_token_id,
@@ -98,18 +98,15 @@ def build_tiny_llava(
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+def build_tiny_llava(*, seed: int = 0, **sizes: int) -> LlavaForConditionalGeneration:
+    """A randomly initialised Llava of the sizes of :func:`tiny_llava_config`."""
+    config = tiny_llava_config(**sizes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     return model.eval()
-
-
-def _looks_like_local_path(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~"))
-        or name.count("/") > 1
-        or (os.sep != "/" and os.sep in name)
-    )
 
 
 def load_backbone(
@@ -128,17 +125,17 @@ def load_backbone(
                 "directory written by save_pretrained (config.json + *.safetensors)"
             )
         source = str(path)
-    elif _looks_like_local_path(name):
+    elif looks_like_local_path(name):
         raise BackboneLoadError(
             f"backbone directory {path} does not exist; set model.backbone to an existing "
             "local checkpoint directory or a hub id such as llava-hf/llava-1.5-7b-hf"
         )
     else:
         source = name
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            source, dtype=torch_dtype, use_safetensors=True,
-            trust_remote_code=warn_remote_code(source, trust_remote_code))
+    try:  # a hub id from this node's cache, fetched there once (elmm_ray.models.hub)
+        model = local_first(
+            LlavaForConditionalGeneration.from_pretrained, source, dtype=torch_dtype,
+            use_safetensors=True, trust_remote_code=warn_remote_code(source, trust_remote_code))
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = "HF_HUB_OFFLINE is set, so only the local cache is searched; " if offline else ""
@@ -159,7 +156,7 @@ def load_vision_tower(source: str, files: list[str], dtype: str | torch.dtype = 
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    config = local_first(AutoConfig.from_pretrained, source, trust_remote_code=trust_remote_code)
     vision = config.vision_config
     vision._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     tower = AutoModel.from_config(vision)

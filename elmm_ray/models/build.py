@@ -93,36 +93,46 @@ def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizer
                 model.backbone, dtype, trust_remote_code=model.trust_remote_code)
             if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
                 backbone.resize_token_embeddings(len(tokenizer))
-        feature_layer = backbone.config.vision_feature_layer
-        if not isinstance(feature_layer, int):
-            raise ValueError(
-                f"backbone {model.backbone!r} concatenates vision layers {feature_layer}; "
-                "only a single vision_feature_layer is supported"
-            )
-        mvtc = None
-        if not model.uncompressed:
-            mvtc = MVTC(
-                feature_dim=backbone.config.vision_config.hidden_size,
-                text_dim=backbone.config.text_config.hidden_size,
-                n_visual=cfg.mvtc.n_visual,
-                n_text=cfg.mvtc.n_text,
-                heads=cfg.mvtc.heads,
-                dim=cfg.mvtc.dim,
-            )
         readout_id = token_id(tokenizer, READOUT_TOKEN)
-        return ELMM(
-            backbone,
-            mvtc,
-            num_entities=num_entities,
-            readout_token_id=readout_id,
-            temperature=model.temperature,
-            learned_token_ids=(readout_id, token_id(tokenizer, INVERSE_TOKEN)),
-            uncompressed=model.uncompressed,
-            entity_image_adapter=(model.entity_image_adapter and reads_images(cfg)
-                                  and model.entity_repr == "table"),
-            entity_repr=model.entity_repr,
-            feature_width=feature_width or 0,
+        return assemble_elmm(cfg, backbone, num_entities=num_entities, readout_id=readout_id,
+                             inverse_id=token_id(tokenizer, INVERSE_TOKEN),
+                             feature_width=feature_width)
+
+
+def assemble_elmm(cfg: Config, backbone, *, num_entities: int, readout_id: int,
+                  inverse_id: int, feature_width: int | None = None) -> ELMM:
+    """MVTC and the ELMM heads of ``cfg`` around a built ``backbone`` (also on the meta
+    device: :mod:`elmm_ray.plan`)."""
+    model = cfg.model
+    feature_layer = backbone.config.vision_feature_layer
+    if not isinstance(feature_layer, int):
+        raise ValueError(
+            f"backbone {model.backbone!r} concatenates vision layers {feature_layer}; "
+            "only a single vision_feature_layer is supported"
         )
+    mvtc = None
+    if not model.uncompressed:
+        mvtc = MVTC(
+            feature_dim=backbone.config.vision_config.hidden_size,
+            text_dim=backbone.config.text_config.hidden_size,
+            n_visual=cfg.mvtc.n_visual,
+            n_text=cfg.mvtc.n_text,
+            heads=cfg.mvtc.heads,
+            dim=cfg.mvtc.dim,
+        )
+    return ELMM(
+        backbone,
+        mvtc,
+        num_entities=num_entities,
+        readout_token_id=readout_id,
+        temperature=model.temperature,
+        learned_token_ids=(readout_id, inverse_id),
+        uncompressed=model.uncompressed,
+        entity_image_adapter=(model.entity_image_adapter and reads_images(cfg)
+                              and model.entity_repr == "table"),
+        entity_repr=model.entity_repr,
+        feature_width=feature_width or 0,
+    )
 
 
 def reads_images(cfg: Config) -> bool:

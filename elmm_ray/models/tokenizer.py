@@ -100,9 +100,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, trust_remote_code: bool =
                    ) -> PreTrainedTokenizerBase:
     """Load a tokenizer saved with ``save_pretrained`` (or a hub id, from the HF cache);
     a tokenizer class of the checkpoint's own code only with ``trust_remote_code``."""
+    from elmm_ray.models.hub import local_first  # a hub id: this node's cache, fetched once
+
     try:
-        return AutoTokenizer.from_pretrained(
-            str(name_or_path),
+        return local_first(
+            AutoTokenizer.from_pretrained, str(name_or_path),
             trust_remote_code=warn_remote_code(str(name_or_path), trust_remote_code))
     except OSError as error:
         raise OSError(

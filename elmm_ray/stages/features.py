@@ -30,7 +30,12 @@ from elmm_ray.integrity import sha256_file
 from elmm_ray.layout import RunLayout
 from elmm_ray.ray_session import init_ray
 from elmm_ray.stages.base import Stage, StageContext, data_stages, image_stage, register
-from elmm_ray.train.context import backbone_source, build_context, get_tokenizer
+from elmm_ray.train.context import (
+    backbone_source,
+    build_context,
+    get_tokenizer,
+    prepare_backbone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,7 @@ def run_extract(ctx: StageContext) -> dict:
     source = backbone_source(cfg, ctx.kg, layout)
     layout.push()  # a remote run directory: the backbone, for actors on other nodes
     init_ray(cfg.ray)
+    prepare_backbone(cfg)  # a hub checkpoint: fetched once a node before the actors start
     result = extract_features(
         layout.shard_dir, layout.feature_store, backbone=source,
         max_images=cfg.images.max_images_per_entity, layer=cfg.model.vision_feature_layer,
@@ -178,7 +184,8 @@ def encode_entities_ray(cfg: Config, kg: Any, *, store: str | None, expect: dict
 
 def run_entity_init(ctx: StageContext) -> dict:
     cfg, layout, kg = ctx.cfg, ctx.layout, ctx.kg
-    # Tokenizer and backbone are written once here, before any actor looks for them.
+    # Tokenizer and backbone are written (or fetched) once here, before any actor looks.
+    prepare_backbone(cfg)
     get_tokenizer(cfg, kg, layout)
     source = backbone_source(cfg, kg, layout)
     store = expect = None
@@ -187,6 +194,7 @@ def run_entity_init(ctx: StageContext) -> dict:
         FeatureStore.open(store, expect=expect)  # refuse a mismatching store before Ray
     layout.push()  # a remote run directory: tokenizer and backbone, for the actors
     init_ray(cfg.ray)
+    prepare_backbone(cfg)  # and on every other node of the cluster
     table = encode_entities_ray(cfg, kg, store=store, expect=expect,
                                 show_progress=ctx.show_progress)
     out = layout.entity_init

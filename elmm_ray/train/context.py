@@ -27,10 +27,12 @@ from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json
 from elmm_ray.models.backbone import image_feature_shape, vision_tower_of
 from elmm_ray.models.build import build_elmm, build_tokenizer, reads_images, tiny_backbone
 from elmm_ray.models.elmm import ELMM
+from elmm_ray.models.hub import is_hub_id, prefetch
 from elmm_ray.models.lora import apply_lora, load_trainable, lora_layers, set_trainable
 from elmm_ray.models.pruned import MODEL_BACKBONE_SUBDIR, load_pruned_weights
 from elmm_ray.models.surgery import LinearCompensation
 from elmm_ray.models.tokenizer import load_tokenizer
+from elmm_ray.ray_session import on_every_other_node
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,30 @@ def get_tokenizer(cfg: Config, kg: KnowledgeGraph, layout: RunLayout):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
+
+
+_FETCHED_ON: dict[str, set[str]] = {}  # hub id -> the other nodes it was fetched on
+
+
+def prepare_backbone(cfg: Config) -> list[str]:
+    """On the driver, before a stage's actors or workers load ``model.backbone``: a hub
+    checkpoint is fetched once into this node's HF cache and, when Ray is up with several
+    nodes, once into every other node's (:func:`elmm_ray.models.hub.prefetch` under the
+    node's lock); they then load it from there with ``local_files_only``. Tiny or a local
+    directory: nothing. Returns the other nodes fetched on by this call."""
+    name, code = cfg.model.backbone, cfg.model.trust_remote_code
+    if not is_hub_id(name):
+        return []
+    prefetch(name, trust_remote_code=code)
+    nodes = on_every_other_node(_prefetch_task, name, code,
+                                done=_FETCHED_ON.setdefault(name, set()))
+    if nodes:
+        log.info("backbone %s fetched once on each of %d more nodes", name, len(nodes))
+    return nodes
+
+
+def _prefetch_task(name: str, trust_remote_code: bool) -> None:
+    prefetch(name, trust_remote_code=trust_remote_code)
 
 
 def backbone_source(cfg: Config, kg: KnowledgeGraph, layout: RunLayout) -> str:

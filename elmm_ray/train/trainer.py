@@ -26,7 +26,7 @@ from elmm_ray.ray_session import init_ray
 from elmm_ray.remote import join_uri, open_uri
 from elmm_ray.train import warm
 from elmm_ray.train.checkpoint_integrity import verify_resume
-from elmm_ray.train.context import backbone_source
+from elmm_ray.train.context import backbone_source, prepare_backbone
 from elmm_ray.train.loop import MODEL_SUBDIR, LoopSpec, train_local, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     layout = RunLayout.of(cfg)
     storage_path, storage_filesystem = train_storage(cfg)
     backbone_source(cfg, kg, layout)  # tokenizer + backbone written before any worker
+    prepare_backbone(cfg)  # a hub checkpoint: fetched once on every node first
     tc = cfg.train
     queries = kg.queries("train", tc.both_directions)
     # Workers read these few integers once; a progress bar would only linger in the log.
