@@ -91,8 +91,10 @@ def test_trust_remote_code_is_off_by_default_passed_through_and_warned(monkeypat
     assert [kw["trust_remote_code"] for _, kw in seen] == [False, True]
     with pytest.raises(pytest.skip.Exception):
         backbone.load_backbone("org/ckpt", trust_remote_code=False)
+    # A hub id loads local-first (elmm_ray/models/hub.py: the node's one download before
+    # the stages), with the same safety arguments.
     assert seen[-1] == ("model", {"dtype": backbone.torch.float32, "use_safetensors": True,
-                                  "trust_remote_code": False})
+                                  "trust_remote_code": False, "local_files_only": True})
 
 
 DASHBOARD = re.compile(r"dashboard[-_]host\W+(0\.0\.0\.0)")
