@@ -22,6 +22,7 @@ import logging
 import os
 import posixpath
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,11 @@ def _rows_table(entity: Any, entity_id: Any, image_index: Any, error: Any, name:
     })
 
 
+# The extract actors read their blocks without Ray Data's writable copy of the pixels (the
+# tower only reads them): 1.35 MB per 336 px image not copied on the way in.
+ACTOR_ZERO_COPY_BATCH = True
+
+
 class _TowerActor:
     """Holds the frozen vision tower (the rest of the backbone is dropped after loading)."""
 
@@ -176,16 +182,26 @@ class _TowerActor:
         self.layer, self.pool, self.tokens, self.width = layer, pool, tokens, width
 
     def __call__(self, batch: dict) -> pa.Table:
+        """The tower over a block's decoded rows. The host work around the forward is kept
+        to the copies it needs (bench/bench_extract_call.py): the batch is Ray Data's
+        read-only view of the block (``ACTOR_ZERO_COPY_BATCH``) and goes to the tower whole,
+        rows that failed to decode included (their pixels are zeros; rare, so a wasted row of
+        compute costs less than selecting the others, a copy of the block); their features
+        are zeroed (the writer stores only the good rows)."""
         import torch
 
         from elmm_ray.models.backbone import encode_images
 
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
-        features = np.zeros((len(ok), self.tokens, self.width), dtype=FEATURE_DTYPE)
-        if ok.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+        if not ok.any():
+            features = np.zeros((len(ok), self.tokens, self.width), dtype=FEATURE_DTYPE)
+        else:
+            with warnings.catch_warnings():  # read-only: the tower never writes its input
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
             out = encode_images(self.tower, pixels, layer=self.layer, pool=self.pool)
-            features[ok] = out.cpu().numpy()
+            features = out.cpu().numpy().astype(FEATURE_DTYPE, copy=False)
+            features[~ok] = 0
         return _rows_table(batch["entity"], batch["entity_id"], batch["image_index"],
                            batch["error"], "features", features)
 
@@ -198,7 +214,10 @@ def _write_part(batch: dict, *, store: str) -> dict:
     ok = np.asarray([not e for e in batch["error"]], dtype=bool)
     rows = np.full(len(ok), -1, dtype=np.int32)
     rows[ok] = np.arange(int(ok.sum()), dtype=np.int32)
-    features = np.asarray(batch["features"])[ok].astype(FEATURE_DTYPE, copy=False)
+    features = np.asarray(batch["features"])
+    if not ok.all():  # whole rows by index (a boolean mask over 3-D rows copies slowly)
+        features = np.take(features, np.flatnonzero(ok), axis=0)
+    features = features.astype(FEATURE_DTYPE, copy=False)
     fragment = pa.table({
         "entity": pa.array(batch["entity"], pa.int32()),
         "entity_id": pa.array([str(e) for e in batch["entity_id"]], pa.string()),
@@ -388,6 +407,7 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
                         memory=512 * 2**20 + 2 * pixel_bytes)
     ds = ds.map_batches(
         _TowerActor, batch_size=batch_size, batch_format="numpy",
+        zero_copy_batch=ACTOR_ZERO_COPY_BATCH,
         fn_constructor_kwargs={
             "source": backbone, "dtype": dtype, "layer": layer, "pool": pool,
             "tokens": geometry["tokens"], "width": geometry["width"],
