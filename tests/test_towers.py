@@ -133,6 +133,8 @@ def test_other_families_and_processors_are_refused(tmp_path):
     with pytest.raises(BackboneLoadError, match=r"'vit' model; supported vision towers: "
                        r"clip_vision_model, clip, siglip_vision_model, siglip"):
         load_tower(str(tmp_path / "vit"))
+    with pytest.raises(BackboneLoadError, match="directory .*nowhere does not exist"):
+        load_tower(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="image_processor_type 'ViTImageProcessor' is not "
                        "supported; supported: CLIPImageProcessor, SiglipImageProcessor"):
         PixelSpec.from_processor_config({"image_processor_type": "ViTImageProcessor"})

@@ -27,6 +27,7 @@ from elmm_ray.models.backbone import (
     num_image_tokens,
     resolve_dtype,
 )
+from elmm_ray.models.hub import looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ _DEFAULT_PROCESSOR = {"clip": "CLIPImageProcessor", "siglip": "SiglipImageProces
 def tower_family(source: str, *, trust_remote_code: bool = False) -> str:
     """``clip`` or ``siglip`` for the tower at ``source``; anything else is refused naming
     its model_type and the supported ones."""
+    path = Path(source).expanduser()
+    if not path.exists() and looks_like_local_path(source):
+        raise BackboneLoadError(f"model.vision_tower: directory {path} does not exist; set it "
+                                "to a vision model directory or a hub id such as "
+                                "openai/clip-vit-large-patch14-336")
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
