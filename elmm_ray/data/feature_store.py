@@ -309,6 +309,7 @@ def vision_geometry(source: str, pool: int, layer: int, trust_remote_code: bool 
     from elmm_ray.models.backbone import num_image_tokens
     from elmm_ray.models.hub import local_first
     from elmm_ray.models.towers import pixel_spec
+
     vision = local_first(AutoConfig.from_pretrained, source,
                          trust_remote_code=trust_remote_code).vision_config
     layers = vision.num_hidden_layers

@@ -27,7 +27,7 @@ from elmm_ray.models.backbone import (
     num_image_tokens,
     resolve_dtype,
 )
-from elmm_ray.models.hub import looks_like_local_path
+from elmm_ray.models.hub import local_first, looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def tower_family(source: str, *, trust_remote_code: bool = False) -> str:
                                 "to a vision model directory or a hub id such as "
                                 "openai/clip-vit-large-patch14-336")
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = local_first(AutoConfig.from_pretrained, source,
+                             trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise BackboneLoadError(f"model.vision_tower {source!r}: no readable config.json "
                                 f"({err})") from err
@@ -69,14 +70,16 @@ def load_tower(source: str, dtype: str | torch.dtype = "float32", *,
     family = tower_family(source, trust_remote_code=trust_remote_code)
     cls = CLIPVisionModel if family == "clip" else SiglipVisionModel
     try:
-        tower = cls.from_pretrained(source, dtype=resolve_dtype(dtype), use_safetensors=True)
+        tower = local_first(cls.from_pretrained, source, dtype=resolve_dtype(dtype),
+                            use_safetensors=True)
     except OSError as err:
         raise BackboneLoadError(f"could not load vision tower {source!r}: {err}") from err
     return tower.eval()
 
 
 def read_processor_config(source: str) -> dict | None:
-    """``preprocessor_config.json`` of a directory or hub id (the local HF cache), or None."""
+    """``preprocessor_config.json`` of a directory or hub id (this node's HF cache, where
+    the checkpoint's fetch put it), or None."""
     path = Path(source).expanduser()
     if path.is_dir():
         file = path / PROCESSOR_CONFIG
@@ -84,7 +87,9 @@ def read_processor_config(source: str) -> dict | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(source, PROCESSOR_CONFIG)).read_text())
+        # this node's cache only: fetched with the checkpoint (hub.prefetch, load_tower)
+        return json.loads(Path(hf_hub_download(source, PROCESSOR_CONFIG,
+                                               local_files_only=True)).read_text())
     except Exception as err:  # noqa: BLE001 - a checkpoint without one: the caller decides
         log.info("no %s for %s (%s)", PROCESSOR_CONFIG, source, err)
         return None
@@ -96,7 +101,8 @@ def pixel_spec(source: str, vision_config=None, *, trust_remote_code: bool = Fal
     CLIP's at the tower's ``image_size`` (the tiny backbone, a checkpoint without one).
     Refused when it would not give the tower's input size."""
     if vision_config is None:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = local_first(AutoConfig.from_pretrained, source,
+                             trust_remote_code=trust_remote_code)
         vision_config = getattr(config, "vision_config", None) or config
     size = int(vision_config.image_size)
     processor = read_processor_config(source)
@@ -165,14 +171,15 @@ def decoder_of(source: str, dtype: str | torch.dtype = "float32", *,
 
     from elmm_ray.models.backbone import load_backbone
 
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    config = local_first(AutoConfig.from_pretrained, source,
+                         trust_remote_code=trust_remote_code)
     if config.model_type == "llava":
         llava = load_backbone(source, dtype, trust_remote_code=trust_remote_code)
         return llava.model.language_model, llava.lm_head
     try:
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype),
-                                                  use_safetensors=True,
-                                                  trust_remote_code=trust_remote_code)
+        lm = local_first(AutoModelForCausalLM.from_pretrained, source,
+                         dtype=resolve_dtype(dtype), use_safetensors=True,
+                         trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise BackboneLoadError(f"model.backbone {source!r} ({config.model_type}) is neither a "
                                 f"LLaVA nor a causal language model: {err}") from err
