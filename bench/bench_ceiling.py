@@ -6,13 +6,14 @@ direction and attribute, computed from the data and from the frozen vision tower
   only entities an oracle cannot tell from the answer are unfiltered ones with the same
   attribute value; on the synthetic KG there are none, so the oracle ceiling is 1.0.
 - ``linear reader``: per attribute relation, a softmax regression from an entity's
-  mean-pooled patch features (the random tiny tower of ``model.*``, layer -2) to its value,
+  mean-pooled patch features (``model.vision_tower``, else the random tiny tower of
+  ``model.*``; layer ``model.vision_feature_layer``) to its value,
   trained on the **train** attribute triples only, then used as the ranker of the test
   queries (tail: the most probable value; head: the object with the highest probability of
   the asked value among the unfiltered objects). It shows what the frozen features expose to
   a simple reader: colour and pattern are readable, shape and count barely.
 
-    python bench/bench_ceiling.py [--entities 300,1000] [k=v ...]
+    python bench/bench_ceiling.py [--entities 300,1000] [--name NAME] [k=v ...]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from elmm_ray.data.shards import pack_images  # noqa: E402
 from elmm_ray.data.synth import TRUTH_NAME  # noqa: E402
 from elmm_ray.layout import absolute_paths  # noqa: E402
 from elmm_ray.models.backbone import build_tiny_llava, vision_tower_of  # noqa: E402
+from elmm_ray.models.towers import load_tower, pixel_spec  # noqa: E402
 from elmm_ray.stages import run_stage  # noqa: E402
 from elmm_ray.tables import format_table  # noqa: E402
 
@@ -50,18 +52,21 @@ def attribute_value(entity: dict, attribute: str) -> str | None:
 
 
 def pooled_features(cfg, kg, shard_dir: Path) -> torch.Tensor:
-    """Mean of every entity's patch features over its images (zeros without images)."""
+    """Mean of every entity's patch features over its images (zeros without images), from
+    ``model.vision_tower`` when set, else the random tiny tower of ``model.*``."""
     m = cfg.model
-    backbone = build_tiny_llava(
-        vision_hidden=m.vision_hidden, vision_layers=m.vision_layers,
-        vision_heads=m.vision_heads, image_size=m.image_size, patch_size=m.patch_size,
-        llm_hidden=32, llm_layers=1, llm_heads=4, llm_kv_heads=2, llm_intermediate=64,
-        vocab_size=64, image_token_id=4, pad_token_id=0, seed=cfg.seed)
-    bank = features_from_shards(vision_tower_of(backbone), shard_dir,
-                                num_entities=kg.num_entities,
+    if m.vision_tower:
+        tower, pixels = load_tower(m.vision_tower), pixel_spec(m.vision_tower)
+    else:
+        tower, pixels = vision_tower_of(build_tiny_llava(
+            vision_hidden=m.vision_hidden, vision_layers=m.vision_layers,
+            vision_heads=m.vision_heads, image_size=m.image_size, patch_size=m.patch_size,
+            llm_hidden=32, llm_layers=1, llm_heads=4, llm_kv_heads=2, llm_intermediate=64,
+            vocab_size=64, image_token_id=4, pad_token_id=0, seed=cfg.seed)), None
+    bank = features_from_shards(tower, shard_dir, num_entities=kg.num_entities,
                                 max_images=cfg.images.max_images_per_entity,
                                 image_size=m.image_size, layer=m.vision_feature_layer,
-                                pool=m.feature_pool)
+                                pool=m.feature_pool, pixels=pixels)
     feats, mask = bank.features_for(torch.arange(kg.num_entities))
     tokens = mask[:, :, None].expand(-1, -1, feats.shape[2]).flatten(1)
     flat = feats.float().flatten(1, 2)
@@ -138,6 +143,7 @@ def ceilings(kg, truth: dict, x: torch.Tensor) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--entities", default="300,1000", help="KG sizes, comma-separated")
+    parser.add_argument("--name", default="ceiling", help="results/<name>.json")
     parser.add_argument("overrides", nargs="*", help="key=value on configs/demo.yaml")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -164,7 +170,7 @@ def main() -> None:
                               "shape", "count", "pattern"],
                        title="test Hits@1 ceilings (filtered): attribute oracle and a linear "
                              "reader of the frozen tower's pooled features"))
-    save("ceiling", {"command": "python bench/bench_ceiling.py " + " ".join(sys.argv[1:]),
+    save(args.name, {"command": "python bench/bench_ceiling.py " + " ".join(sys.argv[1:]),
                      "args": vars(args), "results": results})
 
 

@@ -14,7 +14,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,27 +24,8 @@ from elmm_ray.data.kg import load_kg  # noqa: E402
 from elmm_ray.data.shards import pack_images  # noqa: E402
 from elmm_ray.data.synth import generate_synthetic_kg  # noqa: E402
 from elmm_ray.models.backbone import build_tiny_llava, vision_tower_of  # noqa: E402
+from elmm_ray.models.tower_pretrain import probe_accuracy  # noqa: E402
 from elmm_ray.tables import format_table  # noqa: E402
-
-
-def probe_accuracy(x: np.ndarray, labels: list[str], seed: int = 0) -> float:
-    """Held-out accuracy (30%) of an L2-regularised softmax regression."""
-    classes = sorted(set(labels))
-    y = torch.tensor([classes.index(v) for v in labels])
-    order = np.random.default_rng(seed).permutation(len(x))
-    train, test = order[: int(0.7 * len(x))], order[int(0.7 * len(x)):]
-    feats = torch.tensor(x, dtype=torch.float32)
-    feats = (feats - feats[train].mean(0)) / (feats[train].std(0) + 1e-6)
-    weight = torch.zeros(feats.shape[1], len(classes), requires_grad=True)
-    bias = torch.zeros(len(classes), requires_grad=True)
-    optimizer = torch.optim.Adam([weight, bias], lr=0.05)
-    for _ in range(500):
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(feats[train] @ weight + bias, y[train])
-        (loss + 1e-3 * (weight**2).sum()).backward()
-        optimizer.step()
-    predicted = (feats[test] @ weight + bias).argmax(1)
-    return float((predicted == y[test]).float().mean())
 
 
 def main() -> None:

@@ -347,14 +347,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 # The config keys a user most often sets for each command (every key: `config keys`).
 COMMAND_KEYS: dict[str, tuple[str, ...]] = {
     "run": ("run_dir", "dataset.name", "dataset.path", "model.preset", "model.backbone",
-            "mvtc.n_visual", "mvtc.n_text", "train.backend", "train.epochs",
+            "model.vision_tower", "mvtc.n_visual", "mvtc.n_text", "train.backend", "train.epochs",
             "train.num_workers", "train.use_gpu", "prune.method", "prune.ratio"),
     "train": ("train.backend", "train.epochs", "train.max_steps", "train.global_batch_size",
               "train.learning_rate", "train.num_negatives", "train.knowledge_weight",
               "train.num_workers", "train.use_gpu", "deepspeed.zero_stage", "lora.r",
               "model.entity_repr", "train.loggers"),
     "eval": ("eval.split", "eval.max_queries", "eval.batch_size", "eval.hits_at", "eval.workers"),
-    "extract": ("images.max_images_per_entity", "model.vision_feature_layer",
+    "extract": ("images.max_images_per_entity", "model.vision_tower",
+                "model.vision_feature_layer",
                 "model.feature_pool", "ray.data_actors", "ray.data_actor_cpus",
                 "ray.data_actor_gpus", "ray.data_batch_size", "ray.data_part_rows",
                 "dataset.visual_embeddings.path"),

@@ -52,6 +52,11 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def _absolute_if_local(path: str | None) -> str | None:
+    """A path that exists here, made absolute; anything else (a hub id) as it is."""
+    return _absolute(path) if path and Path(path).expanduser().exists() else path
+
+
 def _absolute(path: str | None) -> str | None:
     if not path or "://" in path:
         return path
@@ -72,6 +77,8 @@ def absolute_paths(cfg: Config) -> Config:
         images=dataclasses.replace(cfg.images, shard_dir=_absolute(cfg.images.shard_dir),
                                    feature_store=_absolute(cfg.images.feature_store)),
         train=dataclasses.replace(cfg.train, storage_path=_absolute(cfg.train.storage_path)),
+        model=dataclasses.replace(cfg.model, vision_tower=_absolute_if_local(
+            cfg.model.vision_tower)),
     )
 
 

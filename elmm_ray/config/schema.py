@@ -54,7 +54,7 @@ __all__ = ["RULE_ERROR", "EMBEDDING_SUFFIXES", "OPTIONAL_LOGGERS", "STORAGE_SCHE
 
 @dataclass(config=SECTION)
 class ModelConfig:
-    """The multimodal backbone (CLIP tower + Llama LLM) and the scoring head."""
+    """The multimodal backbone (vision tower + LLM) and the scoring head."""
 
     preset: PresetName | None = Field(
         None, description="named set of model.* values applied before the YAML and the "
@@ -63,6 +63,12 @@ class ModelConfig:
     backbone: Str = Field(
         "tiny",
         description="'tiny' (random init from the sizes below) or a HF checkpoint id/local dir",
+    )
+    vision_tower: OptStr = Field(
+        None, description="a standalone HF vision model (dir or hub id: CLIPVisionModel, "
+        "SiglipVisionModel, or the vision half of a CLIPModel / SiglipModel) joined to the "
+        "backbone's LLM with a fresh projector, preprocessing from its "
+        "preprocessor_config.json; null = the backbone's own tower (tiny: random init)"
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="parameter dtype"
@@ -92,7 +98,8 @@ class ModelConfig:
     )
     trust_remote_code: Bool = Field(False, description="let a HF checkpoint run its own Python "
                                     "code when loaded (warned about; off: never)")
-    # Tiny backbone sizes (ignored for a real checkpoint).
+    # Tiny backbone sizes (ignored for a real checkpoint; vision_* / image_size / patch_size
+    # also with model.vision_tower).
     vision_hidden: Int = Field(64, description="tiny CLIP width", ge=8)
     vision_layers: Int = Field(2, description="tiny CLIP layers", ge=1)
     vision_heads: Int = Field(4, description="tiny CLIP heads", ge=1)
@@ -116,6 +123,13 @@ class ModelConfig:
         if self.llm_heads % self.llm_kv_heads:
             p.append(f"`model.llm_heads` = {self.llm_heads} is not divisible by "
                      f"`model.llm_kv_heads` = {self.llm_kv_heads}")
+        if self.vision_tower is None:  # else the tower's own geometry, checked when loaded
+            p += self._tiny_vision_problems()
+        _raise_problems(p)
+        return self
+
+    def _tiny_vision_problems(self) -> list[str]:
+        p = []
         if self.vision_hidden % self.vision_heads:
             p.append(f"`model.vision_hidden` = {self.vision_hidden} is not divisible by "
                      f"`model.vision_heads` = {self.vision_heads}")
@@ -126,8 +140,7 @@ class ModelConfig:
         if grid % self.feature_pool:
             p.append(f"`model.feature_pool` = {self.feature_pool} does not divide the "
                      f"{grid}x{grid} patch grid of `model.image_size`/`model.patch_size`")
-        _raise_problems(p)
-        return self
+        return p
 
 
 @dataclass(config=SECTION)

@@ -117,21 +117,23 @@ def _select_images(shard_dir: Path, pack: dict, max_images: int) -> dict:
             "key": image_keys(entity, index), "selected": rank < max_images}
 
 
-def _decode_batch(batch: dict, *, todo: np.ndarray, image_size: int) -> pa.Table:
-    """Keep the rows still to do; decode + CLIP-preprocess each (a failure is recorded)."""
+def _decode_batch(batch: dict, *, todo: np.ndarray, pixel_spec: dict) -> pa.Table:
+    """Keep the rows still to do; decode + preprocess each as the tower wants
+    (:class:`~elmm_ray.data.pixels.PixelSpec`; a failure is recorded)."""
     from PIL import Image
 
-    from elmm_ray.data.pixels import clip_pixels  # PIL + numpy: no torch, no transformers
+    from elmm_ray.data.pixels import PixelSpec, tower_pixels  # PIL + numpy only
 
+    spec = PixelSpec.from_dict(pixel_spec)
     keep = np.isin(image_keys(batch["entity"], batch["image_index"]), todo)
     n = int(keep.sum())
-    pixels = np.zeros((n, 3, image_size, image_size), dtype=np.float32)
+    pixels = np.zeros((n, 3, spec.height, spec.width), dtype=np.float32)
     errors: list[str] = []
     for i, data in enumerate(batch["image"][keep]):
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                pixels[i] = clip_pixels([img], image_size)[0]
+                pixels[i] = tower_pixels([img], spec)[0]
             errors.append("")
         except Exception as err:  # noqa: BLE001 - any decode failure is recorded, not raised
             errors.append(f"decode failed at extract: {type(err).__name__}: {err}")
@@ -397,7 +399,7 @@ def _extraction_dataset(files: list[str], todo: np.ndarray, *, store: str, backb
     # parallel and reach the actors as they are ready.
     ds = ds.repartition(target_num_rows_per_block=batch_size)
     ds = ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="numpy",
-                        fn_kwargs={"todo": todo, "image_size": geometry["image_size"]},
+                        fn_kwargs={"todo": todo, "pixel_spec": geometry["pixels"]},
                         compute=ray.data.TaskPoolStrategy(size=decode_tasks),
                         num_cpus=decode_cpus,
                         # A decode worker holds PIL + numpy (no torch, no transformers: it

@@ -3,7 +3,8 @@ training, evaluation and export read.
 
 The store is a directory (local path or a ``pyarrow.fs`` URI)::
 
-    metadata.json                 backbone, vision-weights fingerprint, layer, pool, shapes
+    metadata.json                 backbone, vision-weights fingerprint, layer, pool, shapes,
+                                  the tower's preprocessing
     parts/part-<hash>.npy         fp16 (rows, tokens, width), memory-mappable
     parts/part-<hash>.index.parquet   (entity, entity_id, image_index, row, reason)
     index.parquet                 all fragments merged, written when the run completes
@@ -60,10 +61,9 @@ INDEX_SCHEMA = pa.schema([
     ("row", pa.int32()),  # -1: failed, nothing stored
     ("reason", pa.string()),  # "" when done
 ])
-# The fields of metadata.json that decide whether stored features can be reused.
-FINGERPRINT_FIELDS = (
+FINGERPRINT_FIELDS = (  # the fields of metadata.json that decide whether features are reused
     "version", "weights_fingerprint", "layer", "pool", "model_dtype", "tokens", "width",
-    "image_size", "max_images_per_entity", "num_entities", "pack_fingerprint")
+    "image_size", "max_images_per_entity", "num_entities", "pack_fingerprint", "pixels")
 
 
 def image_keys(entity: np.ndarray, image_index: np.ndarray) -> np.ndarray:
@@ -302,11 +302,13 @@ def vision_safetensors_files(source: str) -> list[str]:
 
 def vision_geometry(source: str, pool: int, layer: int, trust_remote_code: bool = False
                     ) -> dict:
-    """``image_size``, ``tokens`` and ``width`` of the features of backbone ``source``."""
+    """``image_size``, ``tokens``, ``width`` and ``pixels`` (its preprocessing, a dict) of
+    the features of backbone ``source``."""
     from transformers import AutoConfig
 
     from elmm_ray.models.backbone import num_image_tokens
     from elmm_ray.models.hub import local_first
+    from elmm_ray.models.towers import pixel_spec
 
     vision = local_first(AutoConfig.from_pretrained, source,
                          trust_remote_code=trust_remote_code).vision_config
@@ -314,9 +316,9 @@ def vision_geometry(source: str, pool: int, layer: int, trust_remote_code: bool 
     if not -(layers + 1) <= layer <= layers:
         raise ValueError(f"vision_feature_layer {layer} is outside the {layers}-layer tower "
                          f"(hidden states -{layers + 1}..{layers})")
-    return {"image_size": int(vision.image_size),
+    return {"image_size": int(vision.image_size), "width": int(vision.hidden_size),
             "tokens": num_image_tokens(vision.image_size, vision.patch_size, pool),
-            "width": int(vision.hidden_size)}
+            "pixels": pixel_spec(source, vision).to_dict()}
 
 
 def store_fingerprint(metadata: dict) -> str:

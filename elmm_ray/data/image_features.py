@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from elmm_ray.data.pixels import PixelSpec
 from elmm_ray.data.shards import MANIFEST as SHARDS_MANIFEST
 from elmm_ray.data.shards import read_manifest, verify_shards
 from elmm_ray.models.backbone import encode_images, preprocess_images
@@ -106,17 +107,20 @@ def features_from_shards(
     layer: int = -2,
     pool: int = 1,
     batch_size: int = 64,
+    pixels: PixelSpec | None = None,
 ) -> FeatureBank:
-    """Run the frozen vision tower over the packed images into a :class:`FeatureBank`."""
+    """Run the frozen vision tower over the packed images into a :class:`FeatureBank`;
+    ``pixels``: the tower's preprocessing (None: CLIP's at ``image_size``)."""
     rows = read_shard_rows(shard_dir, max_images) if max_images > 0 else []
-    probe = preprocess_images([Image.new("RGB", (image_size, image_size))], image_size)
+    spec = pixels or PixelSpec.clip(image_size)
+    probe = preprocess_images([Image.new("RGB", (spec.width, spec.height))], spec)
     tokens, width = encode_images(vision_tower, probe, layer=layer, pool=pool).shape[1:]
     bank = FeatureBank.empty(num_entities, max_images, tokens, width)
     slot = np.zeros(num_entities, dtype=np.int64)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         images = [Image.open(io.BytesIO(data)) for _, _, data in chunk]
-        feats = encode_images(vision_tower, preprocess_images(images, image_size),
+        feats = encode_images(vision_tower, preprocess_images(images, spec),
                               layer=layer, pool=pool).cpu()
         for (entity, _, _), f in zip(chunk, feats):
             if entity >= num_entities:

@@ -79,12 +79,15 @@ def _module_state(model: ELMM) -> dict[str, torch.Tensor]:
 
 def base_model_source(cfg: Config, pruned: bool) -> dict:
     """The unmerged backbone the run's LoRA adapters were trained on: ``kind`` (``tiny``:
-    random-init from the config's seed, saved once in the run; ``pruned``: the run's pruned
-    backbone; ``checkpoint``: a hub id or folder) and ``path``."""
+    random-init from the config's seed, saved once in the run; ``composed``: the
+    ``model.vision_tower`` joined to the LLM, saved once in the run; ``pruned``: the run's
+    pruned backbone; ``checkpoint``: a hub id or folder) and ``path``."""
     layout = RunLayout.of(cfg)
     if pruned:
         return {"kind": "pruned",
                 "path": str(layout.pruned_model / MODEL_BACKBONE_SUBDIR)}
+    if cfg.model.vision_tower:  # the tower joined to the LLM, saved once in the run
+        return {"kind": "composed", "path": str(layout.backbone)}
     if cfg.model.backbone == TINY:
         return {"kind": "tiny", "path": str(layout.backbone), "seed": cfg.seed}
     return {"kind": "checkpoint", "path": cfg.model.backbone}
@@ -190,9 +193,9 @@ def load_base_backbone(path: str | Path):
         tiny = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, backbone=TINY))
         return build_elmm(tiny, num_entities=meta["num_entities"],
                           tokenizer=load_tokenizer(path / "tokenizer")).backbone
-    if base["kind"] == "pruned" and not Path(base["path"]).is_dir():
-        raise FileNotFoundError(f"the pruned base backbone {base['path']} is gone (it lives in "
-                                "the run directory); export from the run again")
+    if base["kind"] in ("pruned", "composed") and not Path(base["path"]).is_dir():
+        raise FileNotFoundError(f"the {base['kind']} base backbone {base['path']} is gone (it "
+                                "lives in the run directory); export from the run again")
     backbone = load_any_backbone(base["path"], dtype)
     tokens = len(load_tokenizer(path / "tokenizer"))
     if tokens > backbone.get_input_embeddings().num_embeddings:

@@ -1,8 +1,8 @@
 """The Llava backbone: a tiny random one built in code or a pretrained HF checkpoint.
 
-Also the image side that runs outside training: CLIP-style preprocessing with PIL + numpy
-(no torchvision) and :func:`encode_images`, the frozen-vision-tower call that the feature
-extraction stage runs on every image.
+Also the image side that runs outside training: the tower's own preprocessing with PIL +
+numpy (no torchvision; :mod:`elmm_ray.data.pixels`) and :func:`encode_images`, the
+frozen-vision-tower call that the feature extraction stage runs on every image.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from elmm_ray.data.pixels import CLIP_MEAN, CLIP_STD, clip_pixels
+from elmm_ray.data.pixels import CLIP_MEAN, CLIP_STD, PixelSpec, clip_pixels, tower_pixels
 from elmm_ray.models.hub import local_first, looks_like_local_path
 from elmm_ray.models.tokenizer import warn_remote_code
 
@@ -175,8 +175,14 @@ def load_vision_tower(source: str, files: list[str], dtype: str | torch.dtype = 
 
 
 def vision_tower_of(model: LlavaForConditionalGeneration) -> nn.Module:
-    """The CLIP vision tower of a Llava model."""
+    """The vision tower (CLIP or SigLIP) of a Llava model."""
     return model.model.vision_tower
+
+
+def has_cls_token(vision_config) -> bool:
+    """Whether the tower's hidden states open with a CLS token (CLIP) or hold patch tokens
+    only (SigLIP)."""
+    return not str(vision_config.model_type).startswith("siglip")
 
 
 def num_image_tokens(image_size: int, patch_size: int, pool: int = 1) -> int:
@@ -188,12 +194,14 @@ def num_image_tokens(image_size: int, patch_size: int, pool: int = 1) -> int:
 
 def preprocess_images(
     images: list[Image.Image],
-    image_size: int,
+    image_size: int | PixelSpec,
     mean: tuple[float, float, float] = CLIP_MEAN,
     std: tuple[float, float, float] = CLIP_STD,
 ) -> torch.Tensor:
-    """CLIP preprocessing (:func:`elmm_ray.data.pixels.clip_pixels`) as a float32 tensor of
-    shape ``(n, 3, image_size, image_size)``."""
+    """A tower's preprocessing (a :class:`PixelSpec`; an int: CLIP's at that size, see
+    :func:`elmm_ray.data.pixels.clip_pixels`) as a float32 tensor ``(n, 3, H, W)``."""
+    if isinstance(image_size, PixelSpec):
+        return torch.from_numpy(tower_pixels(images, image_size))
     return torch.from_numpy(clip_pixels(images, image_size, mean, std))
 
 
@@ -202,7 +210,8 @@ def encode_images(
 ) -> torch.Tensor:
     """Patch features of the frozen vision tower, float16, shape ``(n, tokens, width)``.
 
-    The hidden state of ``layer`` (LLaVA: -2) with CLS dropped, optionally averaged over
+    The hidden state of ``layer`` (LLaVA: -2) with CLS dropped (CLIP; SigLIP has none),
+    optionally averaged over
     ``pool x pool`` windows of the patch grid (a ragged last window averages what it has).
     The result stays on the tower's device.
     """
@@ -215,7 +224,8 @@ def encode_images(
     pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
     with torch.no_grad():
         outputs = vision_tower(pixel_values, output_hidden_states=True)
-        features = outputs.hidden_states[layer][:, 1:]
+        first = 1 if has_cls_token(vision_tower.config) else 0
+        features = outputs.hidden_states[layer][:, first:]
         if pool > 1:
             n, tokens, width = features.shape
             grid = math.isqrt(tokens)

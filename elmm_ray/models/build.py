@@ -66,6 +66,36 @@ def tiny_backbone(cfg: Config, tokenizer: PreTrainedTokenizerBase):
     ).to(resolve_dtype(model.dtype))
 
 
+def composed_backbone(cfg: Config, tokenizer: PreTrainedTokenizerBase):
+    """``model.vision_tower`` joined to the configured LLM (the seeded tiny one, or the
+    LLM of checkpoint ``model.backbone``) with a fresh projector seeded by ``cfg.seed``, and
+    the tower's processor config (saved with it: :func:`elmm_ray.models.towers.save_composed`)."""
+    from elmm_ray.models.towers import (
+        compose_llava,
+        decoder_of,
+        load_tower,
+        tower_family,
+        tower_processor_config,
+    )
+
+    model = cfg.model
+    tower = load_tower(model.vision_tower, model.dtype,
+                       trust_remote_code=model.trust_remote_code)
+    if model.backbone == TINY:
+        tiny = tiny_backbone(cfg, tokenizer)
+        language_model, lm_head = tiny.model.language_model, tiny.lm_head
+    else:
+        language_model, lm_head = decoder_of(model.backbone, model.dtype,
+                                             trust_remote_code=model.trust_remote_code)
+    composed = compose_llava(tower, language_model, lm_head,
+                             image_token_id=token_id(tokenizer, IMAGE_TOKEN),
+                             vision_feature_layer=model.vision_feature_layer, seed=cfg.seed)
+    family = tower_family(model.vision_tower, trust_remote_code=model.trust_remote_code)
+    processor = tower_processor_config(model.vision_tower, family,
+                                       int(tower.config.image_size))
+    return composed, processor
+
+
 def build_elmm(cfg: Config, *, num_entities: int, tokenizer: PreTrainedTokenizerBase,
                feature_width: int | None = None) -> ELMM:
     """The ELMM of ``cfg`` (without LoRA: see :func:`elmm_ray.models.lora.apply_lora`).

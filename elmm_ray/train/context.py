@@ -25,13 +25,20 @@ from elmm_ray.data.image_features import FeatureBank, features_from_shards
 from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json
 from elmm_ray.models.backbone import image_feature_shape, vision_tower_of
-from elmm_ray.models.build import build_elmm, build_tokenizer, reads_images, tiny_backbone
+from elmm_ray.models.build import (
+    build_elmm,
+    build_tokenizer,
+    composed_backbone,
+    reads_images,
+    tiny_backbone,
+)
 from elmm_ray.models.elmm import ELMM
 from elmm_ray.models.hub import is_hub_id, prefetch
 from elmm_ray.models.lora import apply_lora, load_trainable, lora_layers, set_trainable
 from elmm_ray.models.pruned import MODEL_BACKBONE_SUBDIR, load_pruned_weights
 from elmm_ray.models.surgery import LinearCompensation
 from elmm_ray.models.tokenizer import load_tokenizer
+from elmm_ray.models.towers import composed_identity, pixel_spec, save_composed
 from elmm_ray.ray_session import on_every_other_node
 
 log = logging.getLogger(__name__)
@@ -95,26 +102,54 @@ def _prefetch_task(name: str, trust_remote_code: bool) -> None:
 
 def backbone_source(cfg: Config, kg: KnowledgeGraph, layout: RunLayout) -> str:
     """Where every process loads the backbone from: the checkpoint id/dir of the config, or
-    for the tiny backbone ``<run_dir>/backbone`` (built from the seed and saved once)."""
-    if cfg.model.backbone != "tiny":
+    ``<run_dir>/backbone``, built and saved once, for the tiny backbone (from the seed) and
+    for a backbone with ``model.vision_tower`` (the tower joined to the LLM)."""
+    if cfg.model.backbone != "tiny" and not cfg.model.vision_tower:
         return cfg.model.backbone
     saved = layout.backbone
-    if not (saved / "config.json").is_file():
-        tokenizer = get_tokenizer(cfg, kg, layout)
-        with torch.random.fork_rng(devices=[]):  # as build_elmm seeds it
-            torch.manual_seed(cfg.seed)
+    identity = _composition(cfg)
+    if (saved / "config.json").is_file():
+        built = composed_identity(saved)
+        if built != identity:
+            raise ValueError(f"{saved} was built from {built or 'the tiny random tower'}, not "
+                             f"{identity or 'the tiny random tower'}; use a new run_dir (or "
+                             f"delete {saved})")
+        return str(saved)
+    tokenizer = get_tokenizer(cfg, kg, layout)
+    processor = None
+    with torch.random.fork_rng(devices=[]):  # as build_elmm seeds it
+        torch.manual_seed(cfg.seed)
+        if identity:
+            backbone, processor = composed_backbone(cfg, tokenizer)
+        else:
             backbone = tiny_backbone(cfg, tokenizer)
-        # Written aside and renamed into place: concurrent processes never see half a
-        # backbone, and the first one to finish wins (all build the same seeded weights).
-        tmp = Path(tempfile.mkdtemp(prefix=".backbone.", dir=layout.root))
+    # Written aside and renamed into place: concurrent processes never see half a
+    # backbone, and the first one to finish wins (all build the same seeded weights).
+    tmp = Path(tempfile.mkdtemp(prefix=".backbone.", dir=layout.root))
+    if identity:
+        save_composed(backbone, processor, tmp, identity)
+    else:
         backbone.save_pretrained(tmp)
-        try:
-            os.rename(tmp, saved)
-        except OSError:
-            if not (saved / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.rename(tmp, saved)
+    except OSError:
+        if not (saved / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(saved)
+
+
+def _composition(cfg: Config) -> dict | None:
+    """What a composed backbone of ``cfg`` is made of (None: no standalone tower)."""
+    m = cfg.model
+    if not m.vision_tower:
+        return None
+    identity = {"vision_tower": m.vision_tower, "backbone": m.backbone, "seed": cfg.seed,
+                "vision_feature_layer": m.vision_feature_layer, "dtype": m.dtype}
+    if m.backbone == "tiny":
+        identity["tiny_llm"] = [m.llm_hidden, m.llm_layers, m.llm_heads, m.llm_kv_heads,
+                                m.llm_intermediate, m.vocab_size]
+    return identity
 
 
 def build_model(cfg: Config, kg: KnowledgeGraph, tokenizer, layout: RunLayout,
@@ -172,9 +207,10 @@ def build_features(cfg: Config, model: ELMM, kg: KnowledgeGraph):
         return _checked(store, kg)
     vision = model.backbone.config.vision_config
     RunLayout.of(cfg).pull_shards()  # a remote run directory: the shards, on this node
+    pixels = pixel_spec(backbone_source(cfg, kg, RunLayout.of(cfg)), vision)
     return features_from_shards(vision_tower_of(model.backbone), RunLayout.of(cfg).shard_dir,
                                 num_entities=kg.num_entities, max_images=max_images,
-                                image_size=vision.image_size,
+                                image_size=vision.image_size, pixels=pixels,
                                 layer=cfg.model.vision_feature_layer, pool=cfg.model.feature_pool)
 
 
