@@ -133,7 +133,7 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
             failure_config=FailureConfig(max_failures=tc.max_failures,
                                          max_preemption_failures=tc.max_preemptions),
             # the heavy imports start while Ray sets the worker up (train/warm.py)
-            worker_runtime_env={"env_vars": env_vars, **warm.runtime_env_entry()},
+            worker_runtime_env={"env_vars": env_vars, **warm.runtime_env_entry(tc.use_gpu)},
             callbacks=_tune_callbacks() if tune_trial else None,
         ),
     )

@@ -10,8 +10,8 @@ so they load while the main thread waits on Ray's RPCs and the other ranks (meas
 about 3 s less per fit of one worker, ``bench/results/startup.json``). The train
 function's own imports then find them loaded (or wait for the one being loaded: Python's
 per-module import locks). A module that fails here fails again in the train function, which
-reports it as usual; nothing here raises. ``ELMM_PREIMPORT=0`` in the driver's environment
-leaves the hook out (:func:`runtime_env_entry`).
+reports it as usual; nothing here raises. CPU workers only; ``ELMM_PREIMPORT=0`` in the
+driver's environment leaves the hook out (:func:`runtime_env_entry`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,13 @@ def _import_all(modules: tuple[str, ...]) -> None:
             return
 
 
-def runtime_env_entry() -> dict[str, str]:
-    """The workers' runtime-env entry that runs :func:`start` (none with ELMM_PREIMPORT=0)."""
-    if os.environ.get("ELMM_PREIMPORT", "1") == "0":
+def runtime_env_entry(use_gpu: bool) -> dict[str, str]:
+    """The workers' runtime-env entry that runs :func:`start`: CPU workers only, and none
+    with ``ELMM_PREIMPORT=0``. GPU workers import in the train function as before: Ray Train
+    widens ``CUDA_VISIBLE_DEVICES`` to the node's GPUs after the worker starts, and an import
+    that asked CUDA anything before that (some do, e.g. ``torch.cuda.is_available()``) would
+    have fixed the process's devices to its own GPU; not tested on a multi-GPU node."""
+    if use_gpu or os.environ.get("ELMM_PREIMPORT", "1") == "0":
         return {}
     return {"worker_process_setup_hook": HOOK}
 
