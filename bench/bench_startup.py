@@ -6,11 +6,9 @@
   worker process pays), the least of ``--repeats``;
 - Ray Train's floor: a ``TorchTrainer.fit`` of one worker whose function does nothing (the
   controller and worker group up to the worker process, the process's start, the shutdown);
-- the project's fit (``train_ray`` on the tiny config, 1 and 2 workers, ZeRO-2), each
-  without and with the workers' background imports (``ELMM_PREIMPORT``, train/warm.py):
-  rank 0's start-up marks (``summary.json`` ``startup``; ``trainer.startup_phases``): the
-  worker process, its imports, dataset, model, queries, DeepSpeed engine, first step,
-  shutdown;
+- the project's fit (``train_ray`` on the tiny config, 1 and 2 workers, ZeRO-2): rank 0's
+  start-up marks (``summary.json`` ``startup``; ``trainer.startup_phases``): the worker
+  process, its imports, dataset, model, queries, DeepSpeed engine, first step, shutdown;
 - a Tune trial on Ray Train (one trial of the tiny sweep, as bench/bench_tune.py runs it): the
   trial's stages (entity init with an entity table, train) and the fit's phases inside it,
   next to the trial's time and its training time.
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -104,18 +101,15 @@ def bare_fit(repeats: int) -> dict:
     return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
 
 
-def project_fit(root: Path, workers: int, preimport: bool, overrides: list[str]) -> dict:
-    """One fresh fit; ``preimport``: the workers' background imports (train/warm.py)."""
-    os.environ["ELMM_PREIMPORT"] = "1" if preimport else "0"
-    name = f"fit{workers}{'p' if preimport else ''}"
-    cfg = absolute_paths(load_config(DEMO, [f"run_dir={root / name}", *TINY,
+def project_fit(root: Path, workers: int, overrides: list[str]) -> dict:
+    """One fresh fit of ``workers`` workers; its phases (``train_ray``'s ``startup``)."""
+    cfg = absolute_paths(load_config(DEMO, [f"run_dir={root / f'fit{workers}'}", *TINY,
                                             f"train.num_workers={workers}", *overrides]))
     run_stages([s for s in pipeline_stages(cfg) if s in ("synth", "pack", "extract")], cfg,
                show_progress=False)
     summary = train_ray(cfg, load_dataset(cfg), show_progress=False)
-    os.environ.pop("ELMM_PREIMPORT")
-    return {"workers": workers, "preimport": preimport,
-            "train_seconds": round(summary["train_seconds"], 3), **summary["startup"]}
+    return {"workers": workers, "train_seconds": round(summary["train_seconds"], 3),
+            **summary["startup"]}
 
 
 def tune_trial(root: Path, overrides: list[str]) -> dict:
@@ -152,19 +146,16 @@ def main() -> None:
     init_ray(RayConfig(num_cpus=2))
     floor = bare_fit(args.repeats)
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
-        # without, then with the background imports, alternating (load drifts on a shared box)
-        fits = [project_fit(Path(tmp), w, p, args.overrides)
-                for w in (1, 2) for p in (False, True)]
+        fits = [project_fit(Path(tmp), w, args.overrides) for w in (1, 2)]
         trial = tune_trial(Path(tmp), args.overrides)
     payload = {"command": " ".join(["python bench/bench_startup.py", *sys.argv[1:]]),
                "imports_seconds": imports, "ray_train_floor": floor, "fits": fits,
                "tune_trial": trial}
     print(format_table([[m, f"{s:.2f}"] for m, s in imports.items()], ["module", "import s"]))
-    phases = [k for k in fits[0] if k not in ("workers", "preimport")]
+    phases = [k for k in fits[0] if k != "workers"]
     print(format_table([[k, f"{floor[k]:.2f}" if k in floor else "",
                          *[f"{f.get(k, 0):.2f}" for f in fits]] for k in phases],
-                       ["phase", "floor", *[f"{f['workers']}w{' pre' if f['preimport'] else ''}"
-                                            for f in fits]]))
+                       ["phase", "floor", *[f"fit {f['workers']}w" for f in fits]]))
     print(format_table([[k, f"{v:.3f}"] for k, v in trial.items()], ["tune trial", "s"]))
     save("startup", payload)
 

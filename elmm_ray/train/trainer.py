@@ -24,7 +24,6 @@ from elmm_ray.data.kg import KnowledgeGraph
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
 from elmm_ray.ray_session import init_ray
 from elmm_ray.remote import join_uri, open_uri
-from elmm_ray.train import warm
 from elmm_ray.train.checkpoint_integrity import verify_resume
 from elmm_ray.train.context import backbone_source, prepare_backbone
 from elmm_ray.train.loop import MODEL_SUBDIR, LoopSpec, train_local, train_loop_per_worker
@@ -132,8 +131,7 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=tc.max_failures,
                                          max_preemption_failures=tc.max_preemptions),
-            # the heavy imports start while Ray sets the worker up (train/warm.py)
-            worker_runtime_env={"env_vars": env_vars, **warm.runtime_env_entry(tc.use_gpu)},
+            worker_runtime_env={"env_vars": env_vars},
             callbacks=_tune_callbacks() if tune_trial else None,
         ),
     )
