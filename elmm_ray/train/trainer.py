@@ -190,9 +190,10 @@ def startup_phases(marks: dict[str, float] | None, fit_called: float,
     worker process, the process's own start (Ray's worker, the train function's imports),
     the heavy imports, dataset, model, the training queries, the engine (and a checkpoint's
     load), the first step; after the last step, the outputs and Ray Train's shutdown.
-    ``fixed`` is everything but the loop. With several nodes the clocks of two machines
-    meet here (differences of milliseconds under NTP). Empty without marks; an attempt that
-    took no step (resumed at its last) has no ``first_step``."""
+    ``fixed`` is everything but the loop; in a run that restarted (a failure, a resize, a
+    preemption) the first phase also holds the earlier attempts. With several nodes the
+    clocks of two machines meet here (differences of milliseconds under NTP). Empty without
+    marks; an attempt that took no step (resumed at its last) has no ``first_step``."""
     if not marks:
         return {}
     names = {"process": "to_worker_process", "entered": "worker_start", "imports": "imports",
