@@ -123,7 +123,7 @@ def main() -> None:
     actor, config = make_actor(args.tower)
     from elmm_ray.data import extraction
 
-    zero_copy = bool(getattr(extraction, "ACTOR_ZERO_COPY_BATCH", False))
+    zero_copy = extraction.ACTOR_ZERO_COPY_BATCH
     cases = {}
     for name, failed in (("all decoded", 0), ("one failed", 1)):
         blocks = [make_block(config, args.batch, failed, seed) for seed in range(args.batches + 1)]
@@ -154,23 +154,12 @@ def main() -> None:
 
 
 def _gpu_tower_rate(path: Path) -> float | None:
-    """The tower-alone images/s of the H200 run in gpu.json (the larger model's), if any."""
+    """The slowest tower-alone images/s of the H200 extraction run in gpu.json, if any."""
     if not path.is_file():
         return None
-    found: list[float] = []
-
-    def walk(node) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if "tower" in key and "images_per_s" in key and isinstance(value, int | float):
-                    found.append(float(value))
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(json.loads(path.read_text()))
-    return min(found) if found else None
+    batches = json.loads(path.read_text()).get("extraction", {}).get("by_batch", {})
+    rates = [float(b["tower_images_per_s"]) for b in batches.values()]
+    return min(rates) if rates else None
 
 
 if __name__ == "__main__":
