@@ -4,6 +4,9 @@ by sharing upstream stages (the sweep vs the same trials as independent pipeline
 
     python bench/bench_tune.py [--backend ray|local] [--trials 4] [key=value ...]
 
+``--backend local`` is what a sweep of one-CPU-worker trials does by default
+(``tune.trial_backend=auto``); ``ray`` fits a TorchTrainer per trial (the figures before it).
+
 Every trial of the sweep runs to the end (no scheduler), so both sides do the same work.
 """
 
@@ -47,7 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     values = N_VISUAL[:args.trials]
     init_ray(RayConfig(num_cpus=2))
-    overrides = [*TINY, f"train.backend={args.backend}", "train.num_workers=1",
+    # --backend sets where trials train (tune.trial_backend; its default, auto, trains these
+    # one-worker trials locally) and train.backend of the independent runs.
+    overrides = [*TINY, f"train.backend={args.backend}", f"tune.trial_backend={args.backend}",
+                 "train.num_workers=1",
                  "tune.scheduler=none", "tune.search=grid", "tune.num_samples=1",
                  *args.overrides]
     with tempfile.TemporaryDirectory(prefix="bench_tune_") as tmp:

@@ -17,7 +17,7 @@ import pytest
 from elmm_ray.config import ConfigError, load_config
 from elmm_ray.tune.pareto import best_row, dominates, pareto_front
 from elmm_ray.tune.space import load_space
-from elmm_ray.tune.sweep import split_stages
+from elmm_ray.tune.sweep import split_stages, trial_backend
 from tests.tiny import TINY as TINY_BASE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +99,23 @@ def test_every_shipped_space_loads_and_shares_upstream_stages():
         ["synth", "pack", "extract"], ["entity_init", "train"])
 
 
+def test_trials_of_one_cpu_worker_train_in_their_own_process_unless_told():
+    def backend(*overrides):
+        return trial_backend(load_config(DEMO, list(overrides)))
+
+    assert backend("train.num_workers=1") == "local"  # auto: no Ray Train start-up
+    assert backend("train.num_workers=2") == "ray"  # the demo's two workers
+    assert backend("train.num_workers=[1, 2]") == "ray"  # elastic
+    assert backend("train.num_workers=1", "train.use_gpu=true") == "ray"
+    assert backend("train.num_workers=1", "tune.trial_backend=ray") == "ray"
+    assert backend("train.backend=local", "train.num_workers=2") == "local"
+    assert backend("train.num_workers=2", "tune.trial_backend=local") == "local"
+    with pytest.raises(ValueError, match="train.use_gpu is true"):
+        backend("train.use_gpu=true", "tune.trial_backend=local")
+    with pytest.raises(ConfigError, match="tune.trial_backend"):
+        load_config(DEMO, ["tune.trial_backend=ray-train"])
+
+
 @pytest.fixture(scope="module")
 def lr_sweep(tmp_path_factory, ray_session):
     from elmm_ray.layout import absolute_paths
@@ -107,7 +124,9 @@ def lr_sweep(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("sweep")
     space_file = root / "lr.yaml"
     space_file.write_text(LR_SPACE)
-    cfg = absolute_paths(load_config(DEMO, [f"run_dir={root / 'run'}", *TINY]))
+    # train.backend=ray on one CPU worker: tune.trial_backend=auto trains in the trials
+    cfg = absolute_paths(load_config(DEMO, [f"run_dir={root / 'run'}", *TINY,
+                                            "train.backend=ray", "train.num_workers=1"]))
     space = load_space(space_file, cfg)
     return cfg, space, run_sweep(cfg, space, show_progress=False)
 
@@ -135,6 +154,9 @@ def test_asha_stops_weak_trials_and_the_outputs_are_written(lr_sweep):
     assert (trial / "features").is_symlink() and (trial / "shards").is_symlink()
     assert (trial / "train" / "model" / "trainable.json").is_file()
     assert not (trial / "train").is_symlink()
+    # auto: each trial trained in its own process, not on Ray Train
+    assert all(not (out / "trials" / r["trial_id"] / "ray_train").exists() for r in result.rows)
+    assert load_config(out / "best_val_mrr.yaml").train.backend == "local"
 
 
 @pytest.mark.slow
@@ -204,7 +226,7 @@ def test_a_killed_sweep_resumes_with_every_trial_exactly_once(tmp_path):
 @pytest.mark.timeout(600)
 def test_trials_train_on_ray_train_and_a_stopped_trial_frees_its_workers(tmp_path,
                                                                          ray_session):
-    """train.backend=ray: every trial fits its own TorchTrainer, which reports each
+    """tune.trial_backend=ray: every trial fits its own TorchTrainer, which reports each
     validation round to Tune; ASHA stops the second trial mid-training, and the third still
     gets the CPUs that the stopped trial's Train workers held (Ray Train's placement-group
     cleaner needs the dashboard's State API: see `ray.include_dashboard`)."""
@@ -216,7 +238,7 @@ def test_trials_train_on_ray_train_and_a_stopped_trial_frees_its_workers(tmp_pat
                           "{type: choice, values: [0.003, 1.0e-8, 2.0e-8]}\n")
     cfg = absolute_paths(load_config(DEMO, [
         f"run_dir={tmp_path / 'run'}", *TINY, "train.backend=ray", "train.num_workers=1",
-        "train.cpus_per_worker=1", "train.eval_every=12"]))
+        "tune.trial_backend=ray", "train.cpus_per_worker=1", "train.eval_every=12"]))
     result = run_sweep(cfg, load_space(space_file, cfg), show_progress=False)
     status = [r["status"] for r in result.rows]
     assert status[0] == "done" and "stopped" in status[1:] and len(status) == 3

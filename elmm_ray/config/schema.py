@@ -325,9 +325,17 @@ class TuneConfig:
         "YAML is written for each",
     )
     max_concurrent_trials: Int = Field(1, description="trials running at once", ge=1)
+    trial_backend: Literal["auto", "ray", "local"] = Field(
+        "auto", description="where a trial trains: `local` in the trial's own process on CPU "
+        "(the local loop with the same global batch: no Ray Train worker group, whose start-up "
+        "is ~10 s per trial), `ray` on Ray Train workers (DeepSpeed ZeRO), `auto` = local when "
+        "the trial trains on one CPU worker (train.num_workers=1, train.use_gpu=false), else "
+        "train.backend; it is the whole sweep's train.backend (a pruning sweep's shared base, "
+        "the best-config YAMLs)"
+    )
     trial_cpus: Float | None = Field(
-        None, description="CPUs reserved by a trial's own process (null: 1 with "
-        "train.backend=local, 0.01 with ray, whose Train workers reserve their own)", gt=0
+        None, description="CPUs reserved by a trial's own process (null: 1 when it trains "
+        "locally (tune.trial_backend), 0.01 on ray, whose Train workers reserve their own)", gt=0
     )
     latency_batch: Int = Field(32, description="queries in the fixed latency batch", ge=1)
     latency_repeats: Int = Field(7, description="timed passes (median) of the latency batch",

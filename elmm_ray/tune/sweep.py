@@ -5,9 +5,10 @@ swept key, runs every stage before it once in the config's run directory, and ea
 (:func:`elmm_ray.tune.trial.run_trial`, a function trainable) links those outputs and runs
 only the rest in ``<run_dir>/tune/trials/<trial_id>`` (a compression sweep shares data,
 shards and features; a pruning sweep prunes copies of one trained base). Trials train on
-Ray Train (or with ``train.backend=local`` in their own process) and report validation
-figures after every round, so ASHA can stop weak trials; each finished trial reports its
-cost (visual tokens per query, LLM parameters, query latency, peak memory).
+Ray Train, or in their own process (``tune.trial_backend``: by default a trial of one CPU
+worker), and report validation figures after every round, so ASHA can stop weak trials;
+each finished trial reports its cost (visual tokens per query, LLM parameters, query
+latency, peak memory).
 
 Outputs under ``<run_dir>/tune/``: ``experiment/`` (the Tune experiment: rerunning the same
 command resumes it, a finished sweep does no work), ``results.csv`` / ``results.parquet``,
@@ -28,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from elmm_ray.config import Config, config_hash, config_to_dict, dump_config
+from elmm_ray.config.schema_train import max_workers
 from elmm_ray.layout import RunLayout, absolute_paths, read_json, write_json_atomic
 from elmm_ray.pipeline import pipeline_stages
 from elmm_ray.ray_session import init_ray
@@ -69,7 +71,25 @@ def split_stages(cfg: Config, keys: list[str]) -> tuple[list[str], list[str]]:
     return stages[:first], stages[first:]
 
 
+def trial_backend(cfg: Config) -> str:
+    """Where the sweep's trials train (``tune.trial_backend``). ``local``: the local loop in
+    the trial's own process, on CPU, with the same global batch (the same objective as any
+    number of Ray Train workers: the ZeRO parity tests) and no Ray Train worker group to start
+    (~10 s of every fit here). ``auto`` picks it for trials of one CPU worker, where Ray Train
+    adds only that start-up; else ``train.backend``."""
+    choice = cfg.tune.trial_backend
+    if choice == "local" and cfg.train.use_gpu:
+        raise ValueError("tune.trial_backend=local trains each trial in its own process on "
+                         "CPU, and train.use_gpu is true: use tune.trial_backend=ray or auto")
+    if choice != "auto":
+        return choice
+    one_cpu_worker = max_workers(cfg.train) == 1 and not cfg.train.use_gpu
+    return "local" if one_cpu_worker else cfg.train.backend
+
+
 def trial_resources(cfg: Config) -> dict:
+    """What a trial's own process reserves: a local trial trains there (1 CPU, or
+    tune.trial_cpus); a Ray Train trial's workers reserve their own."""
     cpus = cfg.tune.trial_cpus or (1.0 if cfg.train.backend == "local" else 0.01)
     return {"cpu": cpus}
 
@@ -166,7 +186,9 @@ def write_outputs(cfg: Config, rows: list[dict], keys: list[str]) -> tuple[list[
         best_cfg = trial_config(cfg, params, Path(cfg.run_dir) / "tune" / name)
         path = dump_config(best_cfg, out / f"{name}.yaml")
         header = (f"# Launch: elmm-ray run {path}\n# Best trial by {metric} ({mode}) of the "
-                  f"sweep in {out}: trial {row['trial_id']}, {metric} = {row[metric]}\n")
+                  f"sweep in {out}: trial {row['trial_id']}, {metric} = {row[metric]}\n"
+                  f"# train.backend={cfg.train.backend}: where the trial trained "
+                  "(tune.trial_backend)\n")
         path.write_text(header + path.read_text())
         best[metric] = path
     if done:
@@ -218,6 +240,13 @@ def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) ->
     # Trials run in their own run directories and log into the sweep's tracking store.
     cfg = pin_tracking(absolute_paths(space.apply(cfg)))
     keys = list(space.params)
+    # The whole sweep trains where tune.trial_backend says (a pruning sweep's shared base
+    # too, so the trials' fingerprints match it; the best-config YAMLs reproduce the trials).
+    backend = trial_backend(cfg)
+    if backend != cfg.train.backend:
+        log.info("the sweep trains with train.backend=%s (tune.trial_backend=%s)", backend,
+                 cfg.tune.trial_backend)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend=backend))
     shared, stages = split_stages(cfg, keys)
     layout = RunLayout.of(cfg)
     layout.pull()  # run_dir on object storage: the sweep so far, into this node's mirror
