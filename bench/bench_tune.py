@@ -85,12 +85,19 @@ def main() -> None:
             independent.append(time.perf_counter() - t0)
         independent_seconds = time.perf_counter() - start
     train_total = sum(t["train_seconds"] for t in trials)
+    trial_total = sum(t["trial_seconds"] for t in trials)
+    # Where the sweep's wall time went: the shared stages, Tuner.fit (the trials plus Tune's
+    # own start, trial processes and bookkeeping: `tune_outside_trials`), the outputs.
+    parts = dict(result.seconds, tune_outside_trials=result.seconds["tuner_fit"] - trial_total)
     payload = {
         "command": "python bench/bench_tune.py " + " ".join(sys.argv[1:]),
         "backend": args.backend, "trials": trials, "shared_stages": result.shared_stages,
         "trial_stages": result.trial_stages, "sweep_seconds": sweep_seconds,
         "trials_per_hour": 3600 * len(trials) / sweep_seconds,
-        "overhead_share": 1 - train_total / sum(t["trial_seconds"] for t in trials),
+        "overhead_share": 1 - train_total / trial_total,
+        "sweep_parts_seconds": parts,
+        # Tuner.fit against the training in it: the overhead per trial with Tune's own part.
+        "overhead_share_with_tune": 1 - train_total / result.seconds["tuner_fit"],
         "independent_seconds": independent_seconds, "independent_runs": independent,
         "sharing_speedup": independent_seconds / sweep_seconds,
     }
@@ -99,6 +106,12 @@ def main() -> None:
     print(format_table(rows, ["n_visual", "trial s", "train s", "overhead s", "val MRR"],
                        title=f"sweep of {len(trials)} trials ({args.backend} backend)"))
     summary = [("sweep wall time", f"{sweep_seconds:.1f} s"),
+               ("  shared stages", f"{parts['shared_stages']:.1f} s"),
+               ("  Tuner.fit", f"{parts['tuner_fit']:.1f} s"),
+               ("    of which outside the trials", f"{parts['tune_outside_trials']:.1f} s"),
+               ("  outputs (table, best configs, plot)", f"{parts['outputs']:.1f} s"),
+               ("overhead share of Tuner.fit",
+                f"{100 * payload['overhead_share_with_tune']:.0f}%"),
                ("trials per hour", f"{payload['trials_per_hour']:.0f}"),
                ("overhead share of trial time", f"{100 * payload['overhead_share']:.0f}%"),
                ("same trials as independent runs", f"{independent_seconds:.1f} s"),

@@ -116,6 +116,24 @@ def test_trials_of_one_cpu_worker_train_in_their_own_process_unless_told():
         load_config(DEMO, ["tune.trial_backend=ray-train"])
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's VmHWM reset")
+def test_a_reused_trial_actor_reports_each_trial_its_own_peak_memory():
+    import numpy as np
+
+    from elmm_ray.tune.sweep import reuse_trial_actors
+    from elmm_ray.tune.trial import peak_rss_mb, reset_peak_rss
+
+    assert reuse_trial_actors(load_config(DEMO, ["train.num_workers=1"]))
+    assert not reuse_trial_actors(load_config(DEMO, ["train.num_workers=2"]))  # Ray Train
+    before = peak_rss_mb()
+    block = np.ones(400 * 2**20 // 8)  # an earlier trial's 400 MiB
+    high = peak_rss_mb()
+    del block
+    assert high - before > 300
+    assert reset_peak_rss()
+    assert peak_rss_mb() < high - 300  # the next trial's peak starts from what is resident
+
+
 @pytest.fixture(scope="module")
 def lr_sweep(tmp_path_factory, ray_session):
     from elmm_ray.layout import absolute_paths

@@ -23,6 +23,8 @@ import contextlib
 import dataclasses
 import logging
 import math
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +58,9 @@ class SweepResult:
     out_dir: Path
     shared_stages: list[str]
     trial_stages: list[str]
+    # Wall seconds of the sweep's parts: the shared stages, Tuner.fit (every trial, Tune's
+    # own start and bookkeeping), the outputs (table, best configs, Pareto plot, tracking).
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def split_stages(cfg: Config, keys: list[str]) -> tuple[list[str], list[str]]:
@@ -85,6 +90,15 @@ def trial_backend(cfg: Config) -> str:
         return choice
     one_cpu_worker = max_workers(cfg.train) == 1 and not cfg.train.use_gpu
     return "local" if one_cpu_worker else cfg.train.backend
+
+
+def reuse_trial_actors(cfg: Config) -> bool:
+    """Local trials run one after another in the same Tune actor (its process start and the
+    imports of torch, transformers, peft and the loop are paid once, not per trial: 4-5 s a
+    trial here). Each trial seeds its own run and counts its own peak memory (Linux: the
+    reset of :func:`elmm_ray.tune.trial.reset_peak_rss`; elsewhere actors are not reused).
+    A Ray Train trial keeps a process of its own: stopping it ends its Train workers."""
+    return trial_backend(cfg) == "local" and sys.platform.startswith("linux")
 
 
 def trial_resources(cfg: Config) -> dict:
@@ -141,7 +155,8 @@ def build_tuner(cfg: Config, space: SearchSpace, shared: list[str], stages: list
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(
             num_samples=cfg.tune.num_samples, search_alg=search, scheduler=_scheduler(cfg),
-            max_concurrent_trials=cfg.tune.max_concurrent_trials),
+            max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            reuse_actors=reuse_trial_actors(cfg)),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(layout.tune_dir),
                                   verbose=0))
 
@@ -252,8 +267,11 @@ def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) ->
     layout.pull()  # run_dir on object storage: the sweep so far, into this node's mirror
     layout.tune_dir.mkdir(parents=True, exist_ok=True)
     check_same_sweep(cfg, space)
+    seconds = {}
+    start = time.perf_counter()
     if shared:
         run_stages(shared, cfg, show_progress=show_progress)
+    seconds["shared_stages"] = time.perf_counter() - start
     if layout.remote:
         # The trials and Ray Tune work in this node's mirror (one node), pushed at the end.
         cfg = dataclasses.replace(cfg, run_dir=str(layout.root))
@@ -261,15 +279,19 @@ def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) ->
     open_tracker(cfg).close()
     init_ray(cfg.ray)
     try:
+        start = time.perf_counter()
         grid = build_tuner(cfg, space, shared, stages).fit()
+        seconds["tuner_fit"] = time.perf_counter() - start
+        start = time.perf_counter()
         rows = collect_rows(grid, keys)
         front, best = write_outputs(cfg, rows, keys)
+        seconds["outputs"] = time.perf_counter() - start
     except BaseException:
         with contextlib.suppress(Exception):  # the sweep's own error is the one to report
             layout.push()
         raise
     layout.push()
-    return SweepResult(rows, front, best, layout.tune_dir, shared, stages)
+    return SweepResult(rows, front, best, layout.tune_dir, shared, stages, seconds)
 
 
 __all__ = ["EXPERIMENT", "TRIALS_SUBDIR", "SweepResult", "format_results", "run_sweep",

@@ -6,6 +6,7 @@ figures."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -83,8 +84,27 @@ def query_latency_ms(ctx: ModelContext, queries: np.ndarray, batch: int, repeats
     return statistics.median(times)
 
 
+def reset_peak_rss() -> bool:
+    """Count this process's peak resident memory afresh from now (Linux: ``/proc/self/
+    clear_refs``), so that a trial in a reused Tune actor reports its own peak, not an
+    earlier trial's; False where the OS offers no reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MiB)."""
+    """Peak resident memory of this process (MiB) since :func:`reset_peak_rss` (Linux's
+    VmHWM), else since it started."""
+    try:
+        match = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        match = None
+    if match:
+        return int(match.group(1)) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
@@ -112,6 +132,7 @@ def run_trial(config: dict) -> None:
     sampled dotted keys."""
     from ray import tune
 
+    reset_peak_rss()  # a reused trial actor: this trial's own peak memory
     base = config_from_dict(config["base"])
     params = {k: v for k, v in config.items() if k not in ("base", "shared", "stages")}
     trial_id = tune.get_context().get_trial_id()
