@@ -20,6 +20,10 @@ RAY_ENV_DEFAULTS = {
     # Per-file Parquet blocks: the V2 reader bin-packs small shards into one block.
     "RAY_DATA_USE_DATASOURCE_V2": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # A reused Tune actor (local trials) waits this long for a stopped trial's training thread
+    # to end before the next trial starts in it (Ray's 2 s fails that next trial when a
+    # loaded machine takes longer to unwind the stopped one).
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "30",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }

@@ -100,8 +100,8 @@ def test_every_shipped_space_loads_and_shares_upstream_stages():
 
 
 def test_trials_of_one_cpu_worker_train_in_their_own_process_unless_told():
-    def backend(*overrides):
-        return trial_backend(load_config(DEMO, list(overrides)))
+    def backend(*overrides, shared=None):
+        return trial_backend(load_config(DEMO, list(overrides)), shared)
 
     assert backend("train.num_workers=1") == "local"  # auto: no Ray Train start-up
     assert backend("train.num_workers=2") == "ray"  # the demo's two workers
@@ -110,6 +110,8 @@ def test_trials_of_one_cpu_worker_train_in_their_own_process_unless_told():
     assert backend("train.num_workers=1", "tune.trial_backend=ray") == "ray"
     assert backend("train.backend=local", "train.num_workers=2") == "local"
     assert backend("train.num_workers=2", "tune.trial_backend=local") == "local"
+    # a pruning sweep's base is shared: it keeps train.backend (and an existing base run)
+    assert backend("train.num_workers=1", shared=["synth", "train"]) == "ray"
     with pytest.raises(ValueError, match="train.use_gpu is true"):
         backend("train.use_gpu=true", "tune.trial_backend=local")
     with pytest.raises(ConfigError, match="tune.trial_backend"):
@@ -123,8 +125,9 @@ def test_a_reused_trial_actor_reports_each_trial_its_own_peak_memory():
     from elmm_ray.tune.sweep import reuse_trial_actors
     from elmm_ray.tune.trial import peak_rss_mb, reset_peak_rss
 
-    assert reuse_trial_actors(load_config(DEMO, ["train.num_workers=1"]))
-    assert not reuse_trial_actors(load_config(DEMO, ["train.num_workers=2"]))  # Ray Train
+    assert reuse_trial_actors(load_config(DEMO, ["train.backend=local"]))
+    assert not reuse_trial_actors(load_config(DEMO, ["train.backend=ray"]))  # Ray Train
+    assert reset_peak_rss()
     before = peak_rss_mb()
     block = np.ones(400 * 2**20 // 8)  # an earlier trial's 400 MiB
     high = peak_rss_mb()
@@ -172,9 +175,14 @@ def test_asha_stops_weak_trials_and_the_outputs_are_written(lr_sweep):
     assert (trial / "features").is_symlink() and (trial / "shards").is_symlink()
     assert (trial / "train" / "model" / "trainable.json").is_file()
     assert not (trial / "train").is_symlink()
-    # auto: each trial trained in its own process, not on Ray Train
+    # auto: the trials trained in the Tune actor, not on Ray Train, one after another in a
+    # reused process (here all four in one); none failed to take over a stopped trial's actor
     assert all(not (out / "trials" / r["trial_id"] / "ray_train").exists() for r in result.rows)
     assert load_config(out / "best_val_mrr.yaml").train.backend == "local"
+    assert "error" not in [r["status"] for r in result.rows]
+    pids = [json.loads(f.read_text().splitlines()[-1])["pid"]
+            for f in (out / "experiment").glob("*/result.json")]
+    assert len(pids) == len(result.rows) and len(set(pids)) < len(pids), pids
 
 
 @pytest.mark.slow

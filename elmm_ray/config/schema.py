@@ -329,13 +329,16 @@ class TuneConfig:
         "auto", description="where a trial trains: `local` in the trial's own process on CPU "
         "(the local loop with the same global batch: no Ray Train worker group, whose start-up "
         "is ~10 s per trial), `ray` on Ray Train workers (DeepSpeed ZeRO), `auto` = local when "
-        "the trial trains on one CPU worker (train.num_workers=1, train.use_gpu=false), else "
-        "train.backend; it is the whole sweep's train.backend (a pruning sweep's shared base, "
-        "the best-config YAMLs)"
+        "the trial trains on one CPU worker (train.num_workers=1, train.use_gpu=false) and "
+        "training is not a shared stage (a pruning sweep's base keeps train.backend), else "
+        "train.backend. It becomes the whole sweep's train.backend (the best-config YAMLs "
+        "too). Local trials run one after another in one reused Tune actor (Linux)"
     )
     trial_cpus: Float | None = Field(
-        None, description="CPUs reserved by a trial's own process (null: 1 when it trains "
-        "locally (tune.trial_backend), 0.01 on ray, whose Train workers reserve their own)", gt=0
+        None, description="CPUs reserved by a trial's own process (null: when it trains "
+        "locally (tune.trial_backend), one training worker's train.cpus_per_worker or "
+        "train.threads_per_worker, at least 1; on ray 0.01, its Train workers reserve their "
+        "own)", gt=0
     )
     latency_batch: Int = Field(32, description="queries in the fixed latency batch", ge=1)
     latency_repeats: Int = Field(7, description="timed passes (median) of the latency batch",

@@ -310,63 +310,73 @@ def run_loop(cfg: Config, kg: KnowledgeGraph, ctx: ModelContext, queries: np.nda
                   "seconds": time.perf_counter() - start}
         session.report(record, loop_state())
 
-    last = None
-    refresh_every = tc.entity_refresh_every if model.encodes_entities else None
-    if model.encodes_entities:
-        refresh_entity_cache(ctx, cfg.eval.batch_size, session)
-    model.train()
-    for epoch, _, micro_batches in batches:
-        if step >= steps or (tc.max_minutes and session.agree_to_stop(
-                time.perf_counter() - start > 60 * tc.max_minutes)):
-            break
-        _maybe_inject_fault(cfg, rank, step + 1, out)
-        fault_point("train.step")
-        step_start = time.perf_counter()
-        values = []
-        for batch in micro_batches:  # the engine steps the optimizer after the last
-            parts = compute_loss(model, ctx.collator, ctx.features, batch, known,
-                                 num_negatives=tc.num_negatives,
-                                 num_hard_negatives=tc.hard_negatives,
-                                 knowledge_weight=tc.knowledge_weight,
-                                 in_batch_negatives=tc.in_batch_negatives, generator=generator,
-                                 group=session)
-            engine.backward(parts.loss)
-            engine.step()
-            values.append(parts.value)
-        step += 1
-        if startup is not None and "first_step" not in startup:
-            startup["first_step"] = time.time()
-        if tc.step_delay_s:
-            time.sleep(tc.step_delay_s)  # fault-test hook: a slower model
-        if ledger is not None:
-            ledger.write(f"{step}\n")
-            ledger.flush()
-        memory = memory or engine.memory_mb(model)
-        if refresh_every and step % refresh_every == 0:
+    try:
+        last = None
+        refresh_every = tc.entity_refresh_every if model.encodes_entities else None
+        if model.encodes_entities:
             refresh_entity_cache(ctx, cfg.eval.batch_size, session)
-        losses.append(float(np.mean(values)))  # the global batch's, the same on every rank
-        window.append(losses[-1])
-        if show:
-            show({"step": step, "steps": steps, "epoch": epoch, "loss": float(np.mean(window)),
-                  "samples_per_s": samples_per_step * step / max(
-                      time.perf_counter() - start - eval_seconds, 1e-9)})
-        last = (epoch, parts)
-        if step % eval_every == 0 or step == steps:
-            validate(epoch, parts)  # a checkpoint too
-            continue
-        step_seconds.append(time.perf_counter() - step_start)
-        notice = session.preempted()
-        if notice is not None and notice["nodes"] != noticed and session.any_rank(
-                checkpoint_due(notice, float(np.mean(step_seconds)),
-                               session.checkpoint_seconds)):
-            noticed = notice["nodes"]
-            checkpoint_before_preemption(epoch, notice)
-            hold_until_preempted(notice)
-    if last is not None and (not history or history[-1]["step"] != step):
-        validate(*last)  # stopped by train.max_minutes between validation rounds
-    seconds = time.perf_counter() - start
-    if startup is not None:
-        startup["last_step"] = time.time()
+        model.train()
+        for epoch, _, micro_batches in batches:
+            if step >= steps or (tc.max_minutes and session.agree_to_stop(
+                    time.perf_counter() - start > 60 * tc.max_minutes)):
+                break
+            _maybe_inject_fault(cfg, rank, step + 1, out)
+            fault_point("train.step")
+            step_start = time.perf_counter()
+            values = []
+            for batch in micro_batches:  # the engine steps the optimizer after the last
+                parts = compute_loss(model, ctx.collator, ctx.features, batch, known,
+                                     num_negatives=tc.num_negatives,
+                                     num_hard_negatives=tc.hard_negatives,
+                                     knowledge_weight=tc.knowledge_weight,
+                                     in_batch_negatives=tc.in_batch_negatives, generator=generator,
+                                     group=session)
+                engine.backward(parts.loss)
+                engine.step()
+                values.append(parts.value)
+            step += 1
+            if startup is not None and "first_step" not in startup:
+                startup["first_step"] = time.time()
+            if tc.step_delay_s:
+                time.sleep(tc.step_delay_s)  # fault-test hook: a slower model
+            if ledger is not None:
+                ledger.write(f"{step}\n")
+                ledger.flush()
+            memory = memory or engine.memory_mb(model)
+            if refresh_every and step % refresh_every == 0:
+                refresh_entity_cache(ctx, cfg.eval.batch_size, session)
+            losses.append(float(np.mean(values)))  # the global batch's, the same on every rank
+            window.append(losses[-1])
+            if show:
+                show({"step": step, "steps": steps, "epoch": epoch, "loss": float(np.mean(window)),
+                      "samples_per_s": samples_per_step * step / max(
+                          time.perf_counter() - start - eval_seconds, 1e-9)})
+            last = (epoch, parts)
+            if step % eval_every == 0 or step == steps:
+                validate(epoch, parts)  # a checkpoint too
+                continue
+            step_seconds.append(time.perf_counter() - step_start)
+            notice = session.preempted()
+            if notice is not None and notice["nodes"] != noticed and session.any_rank(
+                    checkpoint_due(notice, float(np.mean(step_seconds)),
+                                   session.checkpoint_seconds)):
+                noticed = notice["nodes"]
+                checkpoint_before_preemption(epoch, notice)
+                hold_until_preempted(notice)
+        if last is not None and (not history or history[-1]["step"] != step):
+            validate(*last)  # stopped by train.max_minutes between validation rounds
+        seconds = time.perf_counter() - start
+        if startup is not None:
+            startup["last_step"] = time.time()
+    except BaseException:
+        # Stopped (a Tune trial that ASHA stops gets SystemExit at its report) or failed:
+        # the step ledger and the loggers are closed here, not left open in a process that
+        # goes on (a reused Tune actor).
+        if ledger is not None:
+            ledger.close()
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            logger.tracker.close()
+        raise
     if ledger is not None:
         ledger.close()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-import sys
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +76,14 @@ def split_stages(cfg: Config, keys: list[str]) -> tuple[list[str], list[str]]:
     return stages[:first], stages[first:]
 
 
-def trial_backend(cfg: Config) -> str:
+def trial_backend(cfg: Config, shared: list[str] | None = None) -> str:
     """Where the sweep's trials train (``tune.trial_backend``). ``local``: the local loop in
     the trial's own process, on CPU, with the same global batch (the same objective as any
     number of Ray Train workers: the ZeRO parity tests) and no Ray Train worker group to start
     (~10 s of every fit here). ``auto`` picks it for trials of one CPU worker, where Ray Train
-    adds only that start-up; else ``train.backend``."""
+    adds only that start-up, unless training is one of the ``shared`` stages (a pruning
+    sweep's base, which the run directory may hold already, trained under ``train.backend``:
+    the backend is part of its fingerprint); else ``train.backend``."""
     choice = cfg.tune.trial_backend
     if choice == "local" and cfg.train.use_gpu:
         raise ValueError("tune.trial_backend=local trains each trial in its own process on "
@@ -89,23 +91,27 @@ def trial_backend(cfg: Config) -> str:
     if choice != "auto":
         return choice
     one_cpu_worker = max_workers(cfg.train) == 1 and not cfg.train.use_gpu
-    return "local" if one_cpu_worker else cfg.train.backend
+    trains_in_trials = "train" not in (shared or [])
+    return "local" if one_cpu_worker and trains_in_trials else cfg.train.backend
 
 
 def reuse_trial_actors(cfg: Config) -> bool:
-    """Local trials run one after another in the same Tune actor (its process start and the
-    imports of torch, transformers, peft and the loop are paid once, not per trial: 4-5 s a
-    trial here). Each trial seeds its own run and counts its own peak memory (Linux: the
-    reset of :func:`elmm_ray.tune.trial.reset_peak_rss`; elsewhere actors are not reused).
-    A Ray Train trial keeps a process of its own: stopping it ends its Train workers."""
-    return trial_backend(cfg) == "local" and sys.platform.startswith("linux")
+    """Local trials run one after another in the same Tune actor: its process start and the
+    imports of torch, transformers, peft and the loop are paid once, not per trial (4.4 s
+    of imports a trial here: docs/architecture.md, Ray notes). Each trial seeds its own run
+    and counts its own peak memory (:func:`elmm_ray.tune.trial.reset_peak_rss`, Linux; where
+    the OS has no such reset, actors are not reused). A Ray Train trial keeps a process of
+    its own: stopping it ends its Train workers."""
+    return cfg.train.backend == "local" and os.access("/proc/self/clear_refs", os.W_OK)
 
 
 def trial_resources(cfg: Config) -> dict:
-    """What a trial's own process reserves: a local trial trains there (1 CPU, or
-    tune.trial_cpus); a Ray Train trial's workers reserve their own."""
-    cpus = cfg.tune.trial_cpus or (1.0 if cfg.train.backend == "local" else 0.01)
-    return {"cpu": cpus}
+    """What a trial's own process reserves: a local trial trains there (``tune.trial_cpus``,
+    else the CPUs and threads of one training worker, at least 1); a Ray Train trial's
+    workers reserve their own."""
+    t = cfg.train
+    local = max(1.0, t.cpus_per_worker, t.threads_per_worker)
+    return {"cpu": cfg.tune.trial_cpus or (local if t.backend == "local" else 0.01)}
 
 
 def _search_alg(cfg: Config):
@@ -257,7 +263,7 @@ def run_sweep(cfg: Config, space: SearchSpace, *, show_progress: bool = True) ->
     keys = list(space.params)
     # The whole sweep trains where tune.trial_backend says (a pruning sweep's shared base
     # too, so the trials' fingerprints match it; the best-config YAMLs reproduce the trials).
-    backend = trial_backend(cfg)
+    backend = trial_backend(cfg, split_stages(cfg, keys)[0])
     if backend != cfg.train.backend:
         log.info("the sweep trains with train.backend=%s (tune.trial_backend=%s)", backend,
                  cfg.tune.trial_backend)

@@ -5,6 +5,9 @@ figures."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
 import re
 import resource
@@ -87,7 +90,12 @@ def query_latency_ms(ctx: ModelContext, queries: np.ndarray, batch: int, repeats
 def reset_peak_rss() -> bool:
     """Count this process's peak resident memory afresh from now (Linux: ``/proc/self/
     clear_refs``), so that a trial in a reused Tune actor reports its own peak, not an
-    earlier trial's; False where the OS offers no reset."""
+    earlier trial's; False where the OS offers no reset. What an earlier trial freed is
+    collected and handed back to the OS first (glibc keeps freed heap otherwise), so the
+    count starts from what this process needs, not from what it once held."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
