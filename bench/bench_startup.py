@@ -118,7 +118,8 @@ def tune_trial(root: Path, overrides: list[str]) -> dict:
         {"params": {"mvtc.n_visual": {"type": "choice", "values": [4]}}}))
     cfg = absolute_paths(load_config(DEMO, [
         f"run_dir={root / 'sweep'}", *TINY, "train.num_workers=1", "tune.scheduler=none",
-        "tune.search=grid", "tune.num_samples=1", *overrides]))
+        # on Ray Train (tune.trial_backend=auto would train a one-worker trial locally)
+        "tune.trial_backend=ray", "tune.search=grid", "tune.num_samples=1", *overrides]))
     result = run_sweep(cfg, load_space(space_file, cfg), show_progress=False)
     row = result.rows[0]
     layout = RunLayout(result.out_dir / "trials" / row["trial_id"])
