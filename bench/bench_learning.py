@@ -13,8 +13,10 @@ Each run trains in one process with the demo's global batch (``train.batch_size`
 ``train.num_workers``). Each KG size gets the demo's training settings plus
 ``SIZE_SETTINGS`` (a larger KG has more steps per epoch, so it runs fewer epochs to stay
 within ~6 minutes of one CPU thread).
-Results go to ``results/learning_<entities>.json``. Targets (issue 10): test Hits@1 >= 0.60
-overall, head >= 0.50, tail >= 0.70; no-image ablation >= 0.30 lower overall.
+Results go to ``results/learning_<entities>.json``, each run with its test Hits@1 per relation
+and direction (``per_relation``: the attributes of issue 22), also printed as a table.
+Targets (issue 10): test Hits@1 >= 0.60 overall, head >= 0.50, tail >= 0.70; no-image
+ablation >= 0.30 lower overall.
 """
 
 from __future__ import annotations
@@ -24,12 +26,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, save  # noqa: E402
 
 from elmm_ray.config import load_config  # noqa: E402
 from elmm_ray.data.dataset import load_dataset  # noqa: E402
 from elmm_ray.data.shards import pack_images  # noqa: E402
+from elmm_ray.eval.evaluate import (  # noqa: E402
+    rank_shard,
+    refresh_entity_cache,
+    select_queries,
+)
 from elmm_ray.layout import absolute_paths  # noqa: E402
 from elmm_ray.stages import run_stage  # noqa: E402
 from elmm_ray.stages.train import evaluate  # noqa: E402
@@ -50,6 +59,28 @@ METRICS = ("mrr", "hits@1", "hits@3", "hits@10")
 DEFAULT_RUNS = "encoder,no-images,no-text-view,no-visual-view,repeat"
 # Per KG size, on top of configs/demo.yaml (chosen in results/learning_search.md).
 SIZE_SETTINGS: dict[int, list[str]] = {300: [], 1000: ["train.epochs=2"]}
+
+
+def per_relation_hits1(cfg, kg, ctx) -> dict:
+    """Test Hits@1 (filtered) per relation and direction: the attributes of item 5 of issue
+    22. The same ranking as the evaluation (one process, every entity), split by relation."""
+    model = ctx.model.eval()
+    queries = select_queries(kg, cfg.eval.split, cfg.eval.max_queries or 0)
+    refresh_entity_cache(model, ctx.collator, ctx.features, cfg.eval.batch_size)
+    ranks, _ = rank_shard(model, ctx.collator, ctx.features, kg, queries, cfg.eval.batch_size)
+    relations = kg.num_relations
+    tail = queries[:, 1] < relations
+    relation = np.where(tail, queries[:, 1], queries[:, 1] - relations)
+    out = {}
+    for r in range(relations):
+        cells = {}
+        for direction, mask in (("tail", tail), ("head", ~tail)):
+            picked = ranks[(relation == r) & mask]
+            if len(picked):
+                cells[direction] = {"queries": int(len(picked)),
+                                    "hits@1": float((picked <= 1).mean())}
+        out[kg.relation_texts[r]] = cells
+    return out
 
 
 def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
@@ -75,9 +106,11 @@ def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
                 *([f"train.max_minutes={args.minutes}"] if args.minutes else []), *extra,
                 *args.overrides]))
             summary = train_local(cfg, kg, show_progress=False)
-            m = evaluate(cfg, kg, load_trained_context(cfg, kg))
+            ctx = load_trained_context(cfg, kg)
+            m = evaluate(cfg, kg, ctx)
             results[name] = {"overrides": [*sized, batch, *extra], "steps": summary["steps"],
                              "train_seconds": summary["train_seconds"],
+                             "per_relation": per_relation_hits1(cfg, kg, ctx),
                              "seconds_per_step":
                                  summary["train_seconds"] / max(1, summary["steps"]),
                              **{d: {k: m[d][k] for k in METRICS}
@@ -97,6 +130,13 @@ def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
     print(format_table(rows, ["run", "steps", "train s", "MRR", "Hits@1", "tail H@1",
                               "head H@1", "Hits@10"],
                        title=f"synthetic KG, test split, filtered, {kg.num_entities} entities"))
+    relations = list(next(iter(results.values()))["per_relation"])
+    cells = [(name, *("/".join(f"{r['per_relation'][rel][d]['hits@1']:.2f}"
+                               for d in ("tail", "head") if d in r["per_relation"][rel])
+                      or "-" for rel in relations))  # "-": no test query of the relation
+             for name, r in results.items()]
+    print(format_table(cells, ["run", *relations],
+                       title="Hits@1 per relation, tail / head (test, filtered)"))
     checks = {}
     first = results[names[0]]
     checks["hits1_overall>=0.60"] = first["overall"]["hits@1"] >= 0.60
