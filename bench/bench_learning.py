@@ -3,7 +3,8 @@ the tiny ELMM trained with the local backend on the demo settings, per direction
 entity representations and the ablations, and a repeat of the first run (same seed: the
 figures must be identical), on the demo KG (300 entities) and a 1,000-entity KG.
 
-    python bench/bench_learning.py [--entities 300,1000] [--minutes M] [--runs NAME,...] [k=v ...]
+    python bench/bench_learning.py [--entities 300,1000] [--minutes M] [--runs NAME,...]
+                                   [--keep DIR] [k=v ...]
 
 Runs (``--runs``, default ``encoder,no-images,no-text-view,no-visual-view,repeat``):
 ``encoder`` (model.entity_repr=encoder, the demo's), ``table`` (the learnable table + image
@@ -22,6 +23,7 @@ ablation >= 0.30 lower overall.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -39,7 +41,7 @@ from elmm_ray.eval.evaluate import (  # noqa: E402
     refresh_entity_cache,
     select_queries,
 )
-from elmm_ray.layout import absolute_paths  # noqa: E402
+from elmm_ray.layout import RunLayout, absolute_paths  # noqa: E402
 from elmm_ray.stages import run_stage  # noqa: E402
 from elmm_ray.stages.train import evaluate  # noqa: E402
 from elmm_ray.tables import format_table  # noqa: E402
@@ -88,8 +90,9 @@ def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
     target checks, saves ``results/<name or learning_<entities>>.json``."""
     results = {}
     sized = [f"dataset.synth.num_entities={entities}", *SIZE_SETTINGS.get(entities, [])]
-    with tempfile.TemporaryDirectory(prefix="bench_learning_") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        root = Path(args.keep) / str(entities) if args.keep else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_learning_")))
         base = absolute_paths(load_config(DEMO, [f"run_dir={root / 'data'}", *sized,
                                                  *args.overrides]))
         run_stage("synth", base, show_progress=False)
@@ -105,6 +108,8 @@ def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
                 f"images.shard_dir={root / 'data' / 'shards'}", *sized, batch,
                 *([f"train.max_minutes={args.minutes}"] if args.minutes else []), *extra,
                 *args.overrides]))
+            if args.keep:  # a run directory bench/bench_stage_probe.py reads
+                RunLayout.of(cfg).write_config(cfg)
             summary = train_local(cfg, kg, show_progress=False)
             ctx = load_trained_context(cfg, kg)
             m = evaluate(cfg, kg, ctx)
@@ -165,6 +170,9 @@ def main() -> None:
                         help="a time budget per run (default: the config's epochs; with a time "
                         "budget the repeat is not comparable)")
     parser.add_argument("--runs", default=DEFAULT_RUNS)
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="keep the run directories in DIR/<entities>/run<i> (e.g. for "
+                        "bench/bench_stage_probe.py) instead of a temporary directory")
     parser.add_argument("--name", default=None,
                         help="results file (default learning_<E>; one size only)")
     parser.add_argument("overrides", nargs="*", help="key=value applied to every run")
