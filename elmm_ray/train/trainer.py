@@ -248,8 +248,12 @@ def driver_progress(stage: str, enabled: bool = True, progress=None):
         return
     import ray
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    # On the driver's node: a CPU-free actor may otherwise land on any node, and a spot
+    # node's preemption would take rank 0's records (its preemption notice included) with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     progress = progress or LoopProgress(stage)
     done = threading.Event()
 
