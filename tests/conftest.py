@@ -46,6 +46,28 @@ def ray_session(tmp_path_factory):
 
 
 @dataclass(frozen=True)
+class PipelineRun:
+    """One uninterrupted run of the whole tiny pipeline on Ray (``elmm-ray run``)."""
+
+    run_dir: Path
+    snapshot: dict  # tests/faultmatrix.py snapshot(): row counts and figures of every stage
+    console: str  # its stdout and stderr (not a terminal)
+
+
+@pytest.fixture(scope="session")
+def ray_pipeline_run(tmp_path_factory) -> PipelineRun:
+    """``elmm-ray run`` of the fault matrix's Ray config (tests/faultmatrix.py ``RAY_RUN``:
+    every stage, Ray Data, Ray Train, pruning on workers) in a subprocess with a local Ray of
+    its own, its driver forbidden to build the model; run once, for the fault matrix's
+    uninterrupted baseline and the console's checks."""
+    from tests import faultmatrix as fm
+
+    work = tmp_path_factory.mktemp("ray_pipeline")
+    run, snapshot = fm.baseline(work, fm.RAY_RUN, orchestrator=True)
+    return PipelineRun(run, snapshot, fm.console_output(fm.baseline_log(work)))
+
+
+@dataclass(frozen=True)
 class S3Server:
     """An S3-compatible server for object-storage tests: its endpoint and one bucket."""
 

@@ -81,7 +81,8 @@ def trial_finished(run: Path) -> bool:
 def env_for(fault: str, fault_dir: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
-               TUNE_GLOBAL_CHECKPOINT_S="1", ELMM_FAULT_DIR=str(fault_dir))
+               TUNE_GLOBAL_CHECKPOINT_S="1", ELMM_FAULT_DIR=str(fault_dir),
+               ELMM_PROGRESS_INTERVAL="15")
     env.pop("RAY_ADDRESS", None)
     env.pop("ELMM_FAULT", None)
     if fault:
@@ -89,14 +90,26 @@ def env_for(fault: str, fault_dir: Path) -> dict:
     return env
 
 
+# `elmm-ray` as a driver that only orchestrates: the guard of ELMM_ORCHESTRATOR_PID
+# (elmm_ray/models/build.py) raises if this process builds the model (its Ray workers are
+# other processes).
+ORCHESTRATOR = ("import os, sys; os.environ['ELMM_ORCHESTRATOR_PID'] = str(os.getpid()); "
+                "from elmm_ray.cli import main; sys.exit(main(sys.argv[1:], whole_process=True))")
+COMMAND_HEADER = "$ elmm-ray "
+
+
 def elmm(args: list[str], env: dict, log: Path, timeout: float,
-         watchdog: Callable[[Path], bool] | None = None, run: Path | None = None) -> int:
-    """Run ``elmm-ray ARGS`` in its own process group; with ``watchdog``, SIGKILL the group
-    when it says so. Whatever the command leaves behind (its local Ray) is killed after."""
+         watchdog: Callable[[Path], bool] | None = None, run: Path | None = None, *,
+         orchestrator: bool = False) -> int:
+    """Run ``elmm-ray ARGS`` in its own process group, its output (not a terminal) appended
+    to ``log`` after a ``$ elmm-ray ARGS`` line; with ``watchdog``, SIGKILL the group when it
+    says so; with ``orchestrator``, the driver must not build the model. Whatever the command
+    leaves behind (its local Ray) is killed after."""
     with open(log, "a") as out:
-        out.write(f"\n$ elmm-ray {' '.join(args)}\n")
+        out.write(f"\n{COMMAND_HEADER}{' '.join(args)}\n")
         out.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "elmm_ray.cli", *args], env=env,
+        launcher = ["-c", ORCHESTRATOR] if orchestrator else ["-m", "elmm_ray.cli"]
+        proc = subprocess.Popen([sys.executable, *launcher, *args], env=env,
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         deadline = time.time() + timeout
@@ -269,16 +282,29 @@ def run_case(case: Case, base_run: Path, base_snapshot: dict, work: Path, *,
 
 
 def baseline(work: Path, overrides: list[str], command: str = "run",
-             timeout: float = 900, extra: list[str] = ()) -> tuple[Path, dict]:
-    """The uninterrupted run of ``command`` and its snapshot."""
+             timeout: float = 900, extra: list[str] = (), *,
+             orchestrator: bool = False) -> tuple[Path, dict]:
+    """The uninterrupted run of ``command`` and its snapshot (its console output:
+    :func:`console_output` of ``baseline_log``)."""
     run = work / f"baseline-{command.split()[0]}"
     shutil.rmtree(run, ignore_errors=True)
-    log = work / f"baseline-{command.split()[0]}.log"
+    log = baseline_log(work, command)
+    log.unlink(missing_ok=True)
     rc = elmm([*command.split(), str(DEMO), *extra, f"run_dir={run}", *overrides],
-              env_for("", work / "baseline.faults"), log, timeout)
+              env_for("", work / "baseline.faults"), log, timeout, orchestrator=orchestrator)
     if rc != 0:
         raise RuntimeError(f"the uninterrupted run failed (exit {rc}): see {log}")
     return run, snapshot(run)
+
+
+def baseline_log(work: Path, command: str = "run") -> Path:
+    return work / f"baseline-{command.split()[0]}.log"
+
+
+def console_output(log: Path) -> str:
+    """What the last command :func:`elmm` ran into ``log`` printed (stdout and stderr)."""
+    text = log.read_text()
+    return text[text.rindex(f"\n{COMMAND_HEADER}") + 1:].split("\n", 1)[1]
 
 
 RAY_CASES = [

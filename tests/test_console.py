@@ -4,18 +4,11 @@ from Ray Train's rank 0 reaching the driver."""
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from elmm_ray import console
-from tests.tiny import TINY_DATA, TINY_MODEL
-
-REPO = Path(__file__).resolve().parents[1]
 
 # What a user must never see again on the console (issue 14's list).
 NOISE = ("State API", "PlacementGroupCleaner", "core_worker.cc", "constructor arguments",
@@ -101,28 +94,14 @@ def test_driver_receives_rank0_progress_through_the_queue(ray_session):
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_run_through_a_pipe_is_short_and_clean(tmp_path):
-    """`elmm-ray run` of the tiny config on Ray (Ray Data stages, Ray Train, pruning),
-    output to a pipe: no library noise, no duplicated line, at most ~60 lines; the logs are
-    in the run directory. The driver only orchestrates: it never builds the model (the
-    guard of ELMM_ORCHESTRATOR_PID raises if it does; its Ray workers are other processes)."""
-    run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", ELMM_PROGRESS_INTERVAL="15")
-    args = ["run", str(REPO / "configs/demo.yaml"), f"run_dir={run_dir}", *TINY_DATA,
-            *TINY_MODEL, "train.backend=ray", "train.num_workers=1", "train.cpus_per_worker=1",
-            "train.epochs=1", "train.global_batch_size=16", "ray.num_cpus=2",
-            "prune.method=magnitude", "prune.ratio=0.3", "prune.steps=2",
-            "prune.finetune_steps=2", "prune.calib_samples=8"]
-    cmd = [sys.executable, "-c", "import os, sys; os.environ['ELMM_ORCHESTRATOR_PID'] = "
-           "str(os.getpid()); from elmm_ray.cli import main; "
-           "sys.exit(main(sys.argv[1:], whole_process=True))",
-           *args]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env, cwd=tmp_path, timeout=560)
-    out = proc.stdout
-    assert proc.returncode == 0, out[-3000:]
+@pytest.mark.timeout(900)
+def test_run_through_a_pipe_is_short_and_clean(ray_pipeline_run):
+    """`elmm-ray run` of the tiny config on Ray (Ray Data stages, Ray Train, pruning on
+    workers; the fault matrix's uninterrupted run, conftest.ray_pipeline_run), its output not
+    a terminal: no library noise, no duplicated line, at most ~60 lines; the logs are in the
+    run directory. The driver only orchestrates: it never builds the model (the guard of
+    ELMM_ORCHESTRATOR_PID raises if it does; its Ray workers are other processes)."""
+    out, logs = ray_pipeline_run.console, ray_pipeline_run.run_dir / "logs"
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) <= 60, out
     noisy = [line for line in lines if any(n in line for n in NOISE)]
@@ -131,7 +110,6 @@ def test_run_through_a_pipe_is_short_and_clean(tmp_path):
     for stage in ("pack", "extract", "entity_init", "train", "eval", "prune", "export"):
         assert any(line.startswith(f"[{stage}] done in") for line in lines), (stage, out)
     assert "results (test, filtered, both directions)" in out
-    logs = run_dir / "logs"
     assert f"logs: {logs}" in out
     assert "[train] done in" in (logs / console.LOG_FILE).read_text()
     worker_logs = list((logs / "ray").glob("worker-*.out"))

@@ -101,12 +101,12 @@ def test_a_killed_local_training_reruns_to_the_same_figures(tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("names", [fm.QUICK_CASES])
-def test_ray_fault_matrix(tmp_path, names):
+def test_ray_fault_matrix(tmp_path, names, ray_pipeline_run):
     """SIGKILLed workers and drivers of the Ray pipeline (pack driver, a Train worker mid
     checkpoint, the eval driver, the export worker): the same command completes with no row
     lost or duplicated and the uninterrupted run's figures (``bench_reliability.py`` runs
     every case)."""
-    base_run, base = fm.baseline(tmp_path, fm.RAY_RUN)
+    base_run, base = ray_pipeline_run.run_dir, ray_pipeline_run.snapshot
     for case in [c for c in fm.RAY_CASES if c.name in names]:
         row = fm.run_case(case, base_run, base, tmp_path, overrides=fm.RAY_RUN)
         assert row["survived"], row

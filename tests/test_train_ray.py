@@ -208,63 +208,41 @@ def test_one_loss_curve_on_1_2_and_3_workers_and_resumes_across_worker_counts(
         _assert_metrics_follow(reference_cfg, cfg)
 
 
-def test_zero3_parity_then_export_eval_and_predict(tmp_path_factory, base, ray_session,
-                                                   local_reference, capsys):
-    local_cfg, _ = local_reference
-    cfg = _prepared_run(tmp_path_factory, "zero3", base, "deepspeed.zero_stage=3")
-    kg = load_dataset(cfg)
-    summary = train_ray(cfg, kg)
-    assert [h["step"] for h in summary["history"]][-1] == summary["steps"]
-    assert_weights_match(_trainable(cfg), _trainable(local_cfg))
-
-    # The best validation round is kept (gathered from the ZeRO-3 partitions) with its record.
-    best = max(summary["history"], key=lambda h: h["val_mrr"])
-    record = json.loads((RunLayout.of(cfg).best_model / "best.json").read_text())
-    assert (record["step"], record["val_mrr"]) == (best["step"], best["val_mrr"])
-    ctx = final_context(cfg, kg, "best")
-    again = evaluate_model(ctx.model, ctx.collator, ctx.features, kg, split="valid",
-                           batch_size=cfg.eval.batch_size,
-                           max_queries=cfg.train.val_max_queries, ks=cfg.eval.hits_at)
-    assert again["overall"]["mrr"] == pytest.approx(record["val_mrr"], abs=1e-5)
-
-    # Export (LoRA merged) -> eval on the export equals the trained model in memory.
-    in_memory = evaluate(cfg, kg, load_trained_context(cfg, kg))
-    out = export_run(cfg, kg)
-    exported = eval_export(out)
-    for key in ("mrr", "hits@1", "hits@3", "hits@10"):
-        assert exported["overall"][key] == pytest.approx(in_memory["overall"][key], abs=1e-6)
-    head, rel, _ = kg.triples["test"][0]
-    capsys.readouterr()
-    assert main(["predict", str(out), "--head", kg.entities[head], "--relation",
-                 kg.relation_texts[rel], "--k", "3"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    title = lines.index(f"({kg.entities[head]}, {kg.relation_texts[rel]}, ?)")
-    header, rule, *rows = lines[title + 1 : title + 6]  # Ray may log lines of its own too
-    assert header.split() == ["rank", "id", "name", "score"]
-    assert [r.split()[0] for r in rows] == ["1", "2", "3"]
-    assert all(r.split()[1] in kg.entity_index for r in rows)
-    assert main(["predict", str(out), "--head", "no such entity", "--relation",
-                 kg.relation_texts[rel]]) == 2
+def _storage(s3_server, prefix: str) -> list[str]:
+    return [f"train.storage_path=s3://{s3_server.bucket}/{prefix}",
+            f"storage_endpoint={s3_server.endpoint}"]
 
 
-def test_worker_death_resumes_exactly_from_the_last_checkpoint(tmp_path_factory, base,
-                                                               ray_session, zero2_run,
-                                                               monkeypatch):
+def test_worker_death_resumes_exactly_from_its_last_checkpoint_on_s3(
+        tmp_path_factory, base, ray_session, zero2_run, s3_server, monkeypatch):
+    """A worker dies at step 9 (train.max_failures=1), its checkpoints objects on an S3 server
+    (train.storage_path: nothing under <run_dir>/ray_train), the run directory relative to
+    the driver's working directory (the workers run elsewhere): the restarted workers resume
+    from the checkpoint of step 6 (weights, optimizer state, data position, sampler state)
+    and end where the uninterrupted run does; re-running the finished run trains no step;
+    one MLflow run holds both attempts and the rerun."""
     reference_cfg, reference = zero2_run
     # With MLflow installed, rank 0 also logs to the run directory's default SQLite store.
     mlflow = importlib.util.find_spec("mlflow") is not None
     loggers = "[jsonl,tensorboard,mlflow]" if mlflow else "[jsonl,tensorboard]"
     cfg = _prepared_run(tmp_path_factory, "fault", base, "deepspeed.zero_stage=2",
                         "train.fail_at_step=9", "train.max_failures=1",
-                        f"train.loggers={loggers}")
-    # A run_dir relative to the driver's working directory (workers run elsewhere).
+                        f"train.loggers={loggers}", *_storage(s3_server, "fault"))
     run_dir = Path(cfg.run_dir)
     monkeypatch.chdir(run_dir.parent)
     cfg = dataclasses.replace(cfg, run_dir=run_dir.name)
     summary = train_ray(cfg, load_dataset(cfg))
-    assert RunLayout.of(cfg).path("train", ".fault_injected").is_file()  # it did die
-    # The restarted workers resumed from step 6: parameters, optimizer state, data
-    # position and sampler state restored, so the rest equals the uninterrupted run.
+    layout = RunLayout.of(cfg)
+    assert layout.path("train", ".fault_injected").is_file()  # it did die
+    assert not layout.ray_train_storage.exists()
+    run = f"s3://{s3_server.bucket}/fault/train/"
+    assert summary["checkpoint"].startswith(run + "checkpoint_")
+    keys = s3_server.keys("fault/train/")
+    latest = summary["checkpoint"].removeprefix(f"s3://{s3_server.bucket}/")
+    portable = {f"{latest}/portable/{f}" for f in ("weights.safetensors",
+                                                   "optimizer.safetensors", "state.json",
+                                                   "rng.pt")}
+    assert portable <= set(keys)  # the worker-count-free checkpoint, written by rank 0
     _assert_close(_trainable(cfg), _trainable(reference_cfg), atol=1e-5)
     fault_curve = [(h["step"], round(h["val_mrr"], 5)) for h in summary["history"]]
     reference_curve = [(h["step"], round(h["val_mrr"], 5)) for h in reference["history"]]
@@ -331,11 +309,15 @@ def test_pruning_runs_on_ray_workers_and_finetunes_through_the_same_loop(ray_ses
     assert payload["unpruned"]["mrr"] > 0 and payload["speedup"] > 0
 
 
-def test_encoder_entities_under_zero3_match_a_single_process(tmp_path_factory, base,
-                                                             ray_session):
+def test_encoder_entities_under_zero3_match_a_single_process_then_export_and_predict(
+        tmp_path_factory, base, ray_session, capsys):
     """model.entity_repr=encoder: candidates encoded with gradients on every rank, the
     entity cache refreshed sharded over the ranks (each encodes a slice, all gather), under
-    ZeRO-3 with 2 workers: the same parameters as one process with the global batch."""
+    ZeRO-3 with 2 workers: the same parameters as one process with the global batch (ZeRO-3
+    with the entity table: the 1 -> 3 worker resume above). The best validation round is
+    kept, gathered from the ZeRO-3 partitions; the export (LoRA merged) evaluates as the
+    trained model does and answers `elmm-ray predict`; evaluation on Ray workers equals one
+    process's."""
     encoder = ["model.entity_repr=encoder", "train.entity_refresh_every=4"]
     local_cfg = _prepared_run(tmp_path_factory, "enc_local", base, *encoder,
                               "train.backend=local",
@@ -344,9 +326,40 @@ def test_encoder_entities_under_zero3_match_a_single_process(tmp_path_factory, b
     cfg = _prepared_run(tmp_path_factory, "enc_zero3", base, *encoder, "deepspeed.zero_stage=3")
     summary = train_ray(cfg, load_dataset(cfg))
     assert summary["steps"] > 4  # the sharded refresh ran on both ranks
+    assert [h["step"] for h in summary["history"]][-1] == summary["steps"]
     # Training parity: the weights to float tolerance, the metrics within its score noise.
     assert_weights_match(_trainable(cfg), _trainable(local_cfg))
     _assert_metrics_follow(local_cfg, cfg)
+    kg = load_dataset(cfg)
+
+    # The best validation round is kept (gathered from the ZeRO-3 partitions) with its record.
+    best = max(summary["history"], key=lambda h: h["val_mrr"])
+    record = json.loads((RunLayout.of(cfg).best_model / "best.json").read_text())
+    assert (record["step"], record["val_mrr"]) == (best["step"], best["val_mrr"])
+    ctx = final_context(cfg, kg, "best")
+    again = evaluate_model(ctx.model, ctx.collator, ctx.features, kg, split="valid",
+                           batch_size=cfg.eval.batch_size,
+                           max_queries=cfg.train.val_max_queries, ks=cfg.eval.hits_at)
+    assert again["overall"]["mrr"] == pytest.approx(record["val_mrr"], abs=1e-5)
+
+    # Export (LoRA merged) -> eval on the export equals the trained model in memory.
+    in_memory = evaluate(cfg, kg, load_trained_context(cfg, kg))
+    out = export_run(cfg, kg)
+    exported = eval_export(out)
+    for key in ("mrr", "hits@1", "hits@3", "hits@10"):
+        assert exported["overall"][key] == pytest.approx(in_memory["overall"][key], abs=1e-6)
+    head, rel, _ = kg.triples["test"][0]
+    capsys.readouterr()
+    assert main(["predict", str(out), "--head", kg.entities[head], "--relation",
+                 kg.relation_texts[rel], "--k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    title = lines.index(f"({kg.entities[head]}, {kg.relation_texts[rel]}, ?)")
+    header, rule, *rows = lines[title + 1 : title + 6]  # Ray may log lines of its own too
+    assert header.split() == ["rank", "id", "name", "score"]
+    assert [r.split()[0] for r in rows] == ["1", "2", "3"]
+    assert all(r.split()[1] in kg.entity_index for r in rows)
+    assert main(["predict", str(out), "--head", "no such entity", "--relation",
+                 kg.relation_texts[rel]]) == 2
     # Evaluation parity, the same saved weights: on 2 Ray workers each encodes its whole
     # batches of the entities, both rank against the gathered table, each ranks its whole
     # batches of the queries; one process (with the workers' thread count) runs the same
@@ -354,7 +367,6 @@ def test_encoder_entities_under_zero3_match_a_single_process(tmp_path_factory, b
     from elmm_ray.models.build import forbid_model_build
     from elmm_ray.train.ray_eval import evaluate_on_ray
 
-    kg = load_dataset(cfg)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, batch_size=16))
     with forbid_model_build("the driver only orchestrates (test)"):
         on_ray = evaluate_on_ray(cfg, kg, workers=2)
@@ -391,36 +403,6 @@ def test_eval_runs_on_ray_workers_and_the_driver_never_builds_the_model(zero2_ru
     # The export made on a worker is the trained model: its own evaluation agrees.
     assert eval_export(exported)["overall"]["mrr"] == pytest.approx(
         here["overall"]["mrr"], abs=1e-6)
-
-
-def _storage(s3_server, prefix: str) -> list[str]:
-    return [f"train.storage_path=s3://{s3_server.bucket}/{prefix}",
-            f"storage_endpoint={s3_server.endpoint}"]
-
-
-def test_checkpoints_on_s3_and_resume_after_a_worker_dies(tmp_path_factory, base, ray_session,
-                                                          zero2_run, s3_server):
-    """train.storage_path on an S3 server: the checkpoints are objects in the bucket (nothing
-    under <run_dir>/ray_train), and a worker that dies resumes from them exactly."""
-    reference_cfg, reference = zero2_run
-    cfg = _prepared_run(tmp_path_factory, "s3_fault", base, "deepspeed.zero_stage=2",
-                        "train.fail_at_step=9", "train.max_failures=1",
-                        *_storage(s3_server, "fault"))
-    summary = train_ray(cfg, load_dataset(cfg))
-    layout = RunLayout.of(cfg)
-    assert layout.path("train", ".fault_injected").is_file()  # it did die
-    assert not layout.ray_train_storage.exists()
-    run = f"s3://{s3_server.bucket}/fault/train/"
-    assert summary["checkpoint"].startswith(run + "checkpoint_")
-    keys = s3_server.keys("fault/train/")
-    latest = summary["checkpoint"].removeprefix(f"s3://{s3_server.bucket}/")
-    portable = {f"{latest}/portable/{f}" for f in ("weights.safetensors",
-                                                   "optimizer.safetensors", "state.json",
-                                                   "rng.pt")}
-    assert portable <= set(keys)  # the worker-count-free checkpoint, written by rank 0
-    _assert_close(_trainable(cfg), _trainable(reference_cfg), atol=1e-5)
-    fault_curve = [(h["step"], round(h["val_mrr"], 5)) for h in summary["history"]]
-    assert fault_curve == [(h["step"], round(h["val_mrr"], 5)) for h in reference["history"]]
 
 
 def test_two_nodes_with_the_run_directory_on_s3_match_one_node(
