@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,13 @@ os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_EC2_METADATA_DISABLED="true")
 for _key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_key, None)
+
+
+# Mirrors of run directories on object storage (elmm_ray/remote.py) go to a cache of this
+# test run, not the user's ~/.cache/elmm_ray; Ray workers and commands the tests start
+# inherit it (tests that model several machines set their own).
+os.environ["ELMM_RUN_CACHE"] = tempfile.mkdtemp(prefix="elmm-test-run-cache-")
+atexit.register(shutil.rmtree, os.environ["ELMM_RUN_CACHE"], ignore_errors=True)
 
 
 def shared_dataset(name: str) -> Path:
