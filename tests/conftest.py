@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import shutil
@@ -26,11 +25,14 @@ for _key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
     os.environ.pop(_key, None)
 
 
-# Mirrors of run directories on object storage (elmm_ray/remote.py) go to a cache of this
-# test run, not the user's ~/.cache/elmm_ray; Ray workers and commands the tests start
-# inherit it (tests that model several machines set their own).
-os.environ["ELMM_RUN_CACHE"] = tempfile.mkdtemp(prefix="elmm-test-run-cache-")
-atexit.register(shutil.rmtree, os.environ["ELMM_RUN_CACHE"], ignore_errors=True)
+def pytest_configure(config):
+    """Mirrors of run directories on object storage (elmm_ray/remote.py) go to a cache of
+    this test run, not the user's ~/.cache/elmm_ray; Ray workers and commands the tests start
+    inherit it (tests that model several machines set their own). A hook, not import-time
+    code: a Ray worker that imports a test module (and so this one) keeps what it was given."""
+    cache = tempfile.mkdtemp(prefix="elmm-test-run-cache-")
+    os.environ["ELMM_RUN_CACHE"] = cache
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
 def shared_dataset(name: str) -> Path:
