@@ -256,6 +256,12 @@ class LocalAutoscalingCluster:
         import psutil
 
         procs = self.own_processes()
+        # With their children: the head's dashboard agent names neither the cluster's temp dir
+        # in its (retitled) command line nor RAY_TMPDIR; left alive, it keeps its port (52365)
+        # and the next head on this machine starts without a job agent.
+        for proc in list(procs):
+            with contextlib.suppress(psutil.Error):
+                procs.extend(c for c in proc.children(recursive=True) if c not in procs)
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGTERM)

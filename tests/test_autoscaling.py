@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -121,25 +120,6 @@ def _config(run_dir: Path, *overrides: str):
     return absolute_paths(load_config(DEMO, [f"run_dir={run_dir}", *every])), every
 
 
-# Ray's dashboard waits 10 s for the head node's job agent, then refuses the job with this
-# (nothing submitted); a freshly started head on a loaded machine can take longer.
-NO_AGENT = "No available agent to submit job, please try again later"
-
-
-def _job_submit(command: list[str], env: dict, agent_wait_s: float = 90.0
-                ) -> subprocess.CompletedProcess:
-    """Run ``ray job submit ...``; submitted again while the head's job agent is not up yet,
-    as Ray's answer asks, for at most ``agent_wait_s``."""
-    deadline = time.monotonic() + agent_wait_s
-    while True:
-        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
-                              timeout=600)
-        if done.returncode == 0 or NO_AGENT not in done.stdout + done.stderr \
-                or time.monotonic() > deadline:
-            return done
-        time.sleep(2.0)
-
-
 def test_ray_job_submit_launches_nodes_and_releases_them(cluster, tmp_path):
     """`ray job submit -- python jobs/run.py --config ...` against the cluster's dashboard
     with the cluster's token (RAY_AUTH_MODE=token), as docs/cluster.md says: the autoscaler
@@ -150,11 +130,12 @@ def test_ray_job_submit_launches_nodes_and_releases_them(cluster, tmp_path):
     run_dir = tmp_path / "job"
     ray_bin = str(Path(sys.executable).with_name("ray"))
     with NodeWatch(cluster) as watch:
-        done = _job_submit(
+        done = subprocess.run(
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{cluster.dashboard_port}",
              "--runtime-env", "cluster/runtime_env.yaml", "--", sys.executable, "jobs/run.py",
              "--config", DEMO, f"run_dir={run_dir}", *TINY_RAY, "train.num_workers=1",
-             "train.epochs=1", "model.entity_repr=table"], env=cluster.env())
+             "train.epochs=1", "model.entity_repr=table"],
+            env=cluster.env(), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout and "[eval] done" in done.stdout
     assert RunLayout(run_dir).metrics_file("test").is_file()
