@@ -238,7 +238,8 @@ class LocalAutoscalingCluster:
         return True
 
     def own_processes(self) -> list:
-        """Every process of this cluster: its command line names the cluster's temp dir."""
+        """Every process of this cluster: its command line (or RAY_TMPDIR) names the cluster's
+        temp dir, or it descends from one that does."""
         import psutil
 
         mine, marker = [], str(self.root)
@@ -249,6 +250,12 @@ class LocalAutoscalingCluster:
                 if (marker in cmdline or environ.get("RAY_TMPDIR", "").startswith(marker)) \
                         and proc.pid != os.getpid():
                     mine.append(proc)
+        # With their children: the head's dashboard agent names neither the cluster's temp dir
+        # in its (retitled) command line nor RAY_TMPDIR; left alive, it keeps its port (52365)
+        # and the next head on this machine starts without a job agent.
+        for proc in list(mine):
+            with contextlib.suppress(psutil.Error):
+                mine.extend(c for c in proc.children(recursive=True) if c not in mine)
         return mine
 
     def stop(self) -> None:
@@ -256,12 +263,6 @@ class LocalAutoscalingCluster:
         import psutil
 
         procs = self.own_processes()
-        # With their children: the head's dashboard agent names neither the cluster's temp dir
-        # in its (retitled) command line nor RAY_TMPDIR; left alive, it keeps its port (52365)
-        # and the next head on this machine starts without a job agent.
-        for proc in list(procs):
-            with contextlib.suppress(psutil.Error):
-                procs.extend(c for c in proc.children(recursive=True) if c not in procs)
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGTERM)
