@@ -36,7 +36,7 @@ from elmm_ray.models.lora import (  # noqa: E402
     merge_lora,
     save_trainable,
 )
-from elmm_ray.models.mvtc import MVTC  # noqa: E402
+from elmm_ray.models.mvtc import MVTC, CrossAttention, masked_attention  # noqa: E402
 from elmm_ray.models.tokenizer import (  # noqa: E402
     INVERSE_TOKEN,
     READOUT_TOKEN,
@@ -306,6 +306,61 @@ def test_mvtc_view_counts_may_be_zero_and_gradients_stay_finite():
     grads = [p.grad for p in mvtc.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert torch.count_nonzero(tokens.grad.view(2, 3, 5, 16)[0]) == 0
+
+
+def test_pooling_attention_equals_attention_over_projected_keys():
+    """The pooling attention never projects the patch tokens (it maps its queries into the
+    feature space instead); it must equal the plain formula: attention over
+    ``key_proj(context_norm(x))`` with the raw context as values, in value and gradient
+    (the parameters' and the context's), padded and empty contexts included. float64, so
+    the bound holds on any CPU (the two orders of the sums differ by ~1e-15)."""
+    torch.manual_seed(0)
+    attention = CrossAttention(32, 16, 4, raw_values=True).double()
+    with torch.no_grad():  # non-trivial norms and biases (they start at 1 and 0)
+        for param in attention.parameters():
+            param.normal_(0.0, 0.5)
+    tokens, mask = patches([0, 3, 1], max_images=3)
+    queries = torch.randn(3, 6, 32, dtype=torch.float64)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        split = attention._split
+        query = split(attention.query_proj(attention.query_norm(queries)))
+        keys = split(attention.key_proj(attention.context_norm(x)))
+        return masked_attention(query, keys, split(x), mask).transpose(1, 2).flatten(2)
+
+    results = []
+    for function in (reference, lambda x: attention(queries, x, mask)):
+        attention.zero_grad()
+        x = tokens.double().requires_grad_()
+        out = function(x)
+        out.mul(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum() \
+            .backward()
+        results.append((out, x.grad, {n: p.grad.clone() for n, p in attention.named_parameters()}))
+    (out_a, dx_a, grads_a), (out_b, dx_b, grads_b) = results
+    assert out_a.abs().max() > 0.1 and out_b[0].abs().max() == 0  # entity 0 has no image
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=1e-10)
+    torch.testing.assert_close(dx_b, dx_a, rtol=0, atol=1e-10)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=0, atol=1e-10, msg=name)
+    assert grads_a["query_proj.weight"].abs().max() > 1e-3
+
+
+def test_pooling_attention_under_zero3_with_every_weight_partitioned():
+    """The folded pooling reads ``key_proj`` and ``context_norm`` weights outside their own
+    forward; under ZeRO-3 with every weight partitioned (a 7B model's large weights are;
+    the tiny runs' stay whole under the persistence threshold) it must still see them whole:
+    the same loss and, after one AdamW step, the same weights as plain torch."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tests.zero3_mvtc"], capture_output=True,
+                          text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["partitioned"], result
+    assert result["loss"] == pytest.approx(result["plain_loss"], rel=1e-6), result
+    assert result["max_weight_difference"] <= 1e-6, result
 
 
 # --- ELMM + collator -------------------------------------------------------------------

@@ -158,11 +158,14 @@ def sequence_flops(meta: MetaModel, cfg: Config, length: int) -> tuple[float, fl
     queries = cfg.mvtc.n_visual + cfg.mvtc.n_text
     visual = 0.0
     if mvtc_model is not None and queries:
-        pools = [m for n, m in mvtc_model.named_modules() if n.endswith("pool")]
-        per_patch = sum(p.attention.key_proj.in_features * p.attention.key_proj.out_features
-                        for p in pools)
-        visual = 2 * patches * per_patch + 2 * queries * linear_macs(mvtc_model)
-        visual += 4 * queries * patches * mvtc_model.dim  # scores and weighted values
+        # The pooling attentions map their queries into the feature space (counted with
+        # the MVTC's linear layers, once per query) instead of projecting the patches: per
+        # patch and query, a logit per head over C + 1 values and one weighted value.
+        heads = mvtc_model.visual_pool.attention.heads if mvtc_model.n_visual else \
+            mvtc_model.text_pool.attention.heads
+        width = mvtc_model.feature_dim
+        visual = 2 * queries * linear_macs(mvtc_model)
+        visual += 2 * queries * patches * (heads * (width + 1) + width)
         visual += 2 * queries * linear_macs(meta.elmm.projector)
     elif cfg.model.uncompressed:
         visual = 2 * patches * linear_macs(meta.elmm.projector)
