@@ -71,6 +71,27 @@ def deepspeed_config(cfg: Config, *, use_gpu: bool, world: int = 1) -> dict:
     return config
 
 
+def register_zero3_external_weights(model) -> int:
+    """Before ``deepspeed.initialize`` with ZeRO-3: MVTC's pooling attentions read their
+    children's weights outside those children's forward (they fold ``key_proj`` and the
+    context norm into their queries, :func:`elmm_ray.models.mvtc.folded_pooling`; the
+    children are never called). ZeRO-3 gathers a module's own weights around its forward
+    and finds other weights read there by itself only inside ``engine(...)``; the loop calls
+    the model's own methods. So those weights are registered as the attention's external
+    parameters: gathered around its forward and its backward. Returns how many."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    from elmm_ray.models.mvtc import CrossAttention
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, CrossAttention) and module.raw_values:
+            for param in (*module.key_proj.parameters(), *module.context_norm.parameters()):
+                register_external_parameter(module, param)
+                count += 1
+    return count
+
+
 def prepare_cpu_environment() -> None:
     """Before importing deepspeed on a CPU worker: CPU accelerator, no JIT-compiled ops."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -463,6 +463,8 @@ def train_loop_per_worker(config: dict) -> None:
         if directory is not None:
             verify_checkpoint(directory)  # recorded digests, before anything is loaded
             state = load_weights(directory, ctx.model)  # ZeRO partitions them at initialize
+        if cfg.deepspeed.zero_stage == 3:
+            ds_setup.register_zero3_external_weights(ctx.model)
         engine, _, _, scheduler = deepspeed.initialize(
             model=ctx.model, model_parameters=params, optimizer=client_optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
