@@ -117,8 +117,8 @@ def test_run_through_a_pipe_is_short_and_clean(ray_pipeline_run):
 
 
 def test_every_command_help_names_keys_of_the_schema(capsys):
-    from elmm_ray.cli import COMMAND_KEYS, build_parser
-    from elmm_ray.config.keys import key_info
+    from elmm_ray.cli import build_parser
+    from elmm_ray.config.keys import COMMAND_KEYS, key_info
 
     unknown = [(c, k) for c, keys in COMMAND_KEYS.items() for k in keys if key_info(k) is None]
     assert not unknown, f"help names keys the schema does not have: {unknown}"
@@ -147,6 +147,44 @@ def test_run_results_give_hits_at_1_per_direction(tmp_path, capsys, monkeypatch)
     assert cli.main(["run", "configs/demo.yaml", f"run_dir={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"Hits@1 tail / head +0\.3000 / 0\.2000\n", out), out
+    assert "by relation" not in out  # no metrics file: no table
     result["metrics"] = {"overall": figures(h1=0.25), "unpruned": figures(h1=0.3)}
     assert cli.main(["run", "configs/demo.yaml", f"run_dir={tmp_path}"]) == 0
     assert "tail / head" not in capsys.readouterr().out
+
+
+def test_run_results_give_hits_at_1_per_relation(tmp_path, capsys, monkeypatch):
+    """`elmm-ray run` prints Hits@1 of each relation and direction from the eval stage's
+    metrics file for a KG of up to 12 relations, names the file for more, and prints
+    neither after pruning (the results are the pruned model's, the file the unpruned)."""
+    import json
+
+    from elmm_ray import cli, pipeline
+
+    def relation(i: int) -> dict:
+        entry = {"relation": f"has colour {i}", "id": i,
+                 "head": {"count": 35, "hits@1": 0.2 + i / 100, "mrr": 0.4}}
+        if i % 2 == 0:
+            entry["tail"] = {"count": 36, "hits@1": None, "mrr": None}  # NaN in the file
+        return entry
+
+    metrics_file = tmp_path / "eval" / "metrics_test.json"
+    metrics_file.parent.mkdir()
+    figures = {"mrr": 0.5, "mr": 3.0, "hits@1": 0.25, "hits@3": 0.6, "hits@10": 0.9}
+    result = {"dataset": "synthetic", "parameters": 10, "export_dir": str(tmp_path / "export"),
+              "skipped_training": False, "timings": {"train": 1.0}, "train_seconds": 1.0,
+              "metrics": {"overall": figures}, "metrics_file": str(metrics_file)}
+    monkeypatch.setattr(pipeline, "run_all", lambda cfg: result)
+    for count, pruned in ((3, False), (13, False), (3, True)):
+        metrics_file.write_text(json.dumps({"relations": [relation(i) for i in range(count)]}))
+        result["pruned"] = pruned
+        assert cli.main(["run", "configs/demo.yaml", f"run_dir={tmp_path}"]) == 0
+        out = capsys.readouterr().out
+        if pruned:
+            assert "by relation" not in out and "relations:" not in out
+        elif count == 3:
+            assert "Hits@1 by relation (test)" in out
+            assert re.search(r"has colour 1 +- +0\.21 \(35\)\n", out), out
+            assert re.search(r"has colour 2 +- +0\.22 \(35\)\n", out), out  # NaN: -
+        else:
+            assert f"Hits@1 of each of the 13 relations: {metrics_file}" in out

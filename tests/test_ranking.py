@@ -226,6 +226,32 @@ def test_type_violation_and_breakdown() -> None:
     assert metrics["categories"]["N-N"]["head"]["mr"] == pytest.approx(2.5)
 
 
+def test_breakdown_by_relation() -> None:
+    """``relations``: per relation and direction, the same figures as the ranks of exactly
+    those queries; a direction or relation without queries is left out; the list stays out
+    of the trackers' metrics (numeric leaves of nested dicts only)."""
+    from elmm_ray.tracking import numbers
+
+    train = np.array([(0, 0, 1), (2, 0, 1), (0, 1, 3), (4, 1, 3)])
+    queries = np.array([(0, 0, 1), (2, 0, 1), (1, 3, 0), (3, 4, 0), (3, 4, 4)])  # 3 relations
+    ranks = np.array([1.0, 2.0, 1.0, 4.0, 1.0])
+    top1 = np.array([1, 3, 2, 2, 4])
+    metrics = evaluate_ranking(ranks, top1, queries, 3, ["1-N", "N-N", "1-1"], train,
+                               relation_names=["has a", "has b", "unasked"])
+    by_name = {e["relation"]: e for e in metrics["relations"]}
+    assert list(by_name) == ["has a", "has b"] and by_name["has b"]["id"] == 1
+    assert by_name["has a"]["tail"]["count"] == 2 and by_name["has a"]["tail"]["hits@1"] == 0.5
+    assert by_name["has a"]["tail"]["mrr"] == pytest.approx(0.75)
+    assert by_name["has a"]["head"]["count"] == 1 and by_name["has a"]["head"]["hits@1"] == 1.0
+    assert "tail" not in by_name["has b"]
+    assert by_name["has b"]["head"]["mr"] == pytest.approx(2.5)
+    assert by_name["has b"]["head"]["type_violation"] == pytest.approx(0.5)
+    assert not any("relations" in key for key in numbers(metrics))
+    assert "relations" not in evaluate_ranking(ranks, top1, queries, 3, ["1-N"] * 3, train)
+    with pytest.raises(ValueError, match="2 relation names for 3 relations"):
+        evaluate_ranking(ranks, top1, queries, 3, ["1-N"] * 3, train, relation_names=["a", "b"])
+
+
 def test_reports(tmp_path) -> None:
     train = np.array([(0, 0, 1), (2, 0, 1)])
     metrics = evaluate_ranking(np.array([1.0, 3.0]), np.array([1, 0]),

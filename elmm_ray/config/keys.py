@@ -170,3 +170,43 @@ def json_schema() -> dict:
     """The JSON Schema of :class:`Config` (every key with type, default, range, choices and
     help; ``additionalProperties: false`` on every section)."""
     return TypeAdapter(Config).json_schema()
+
+
+# The config keys a user most often sets for each command (every key: `config keys`).
+COMMAND_KEYS: dict[str, tuple[str, ...]] = {
+    "run": ("run_dir", "dataset.name", "dataset.path", "model.preset", "model.backbone",
+            "model.vision_tower", "mvtc.n_visual", "mvtc.n_text", "train.backend", "train.epochs",
+            "train.num_workers", "train.use_gpu", "prune.method", "prune.ratio"),
+    "train": ("train.backend", "train.epochs", "train.max_steps", "train.global_batch_size",
+              "train.learning_rate", "train.num_negatives", "train.knowledge_weight",
+              "train.num_workers", "train.use_gpu", "deepspeed.zero_stage", "lora.r",
+              "model.entity_repr", "train.loggers"),
+    "eval": ("eval.split", "eval.max_queries", "eval.batch_size", "eval.hits_at", "eval.workers"),
+    "extract": ("images.max_images_per_entity", "model.vision_tower",
+                "model.vision_feature_layer",
+                "model.feature_pool", "ray.data_actors", "ray.data_actor_cpus",
+                "ray.data_actor_gpus", "ray.data_batch_size", "ray.data_part_rows",
+                "dataset.visual_embeddings.path"),
+    "entity_init": ("ray.data_actors", "ray.data_actor_cpus", "ray.data_actor_gpus",
+                    "ray.data_batch_size"),
+    "prune": ("prune.method", "prune.ratio", "prune.steps", "prune.calib_samples",
+              "prune.finetune_steps", "prune.knowledge_weight"),
+    "pack": ("images.max_shard_bytes", "images.min_side", "images.num_cpus_per_task"),
+    "tune": ("tune.search", "tune.scheduler", "tune.num_samples", "tune.metric", "tune.mode",
+             "tune.objectives", "tune.max_concurrent_trials"),
+    "export": ("export.checkpoint", "export.license"),
+    "plan": ("model.backbone", "mvtc.n_visual", "mvtc.n_text", "train.global_batch_size",
+             "train.grad_accum", "train.num_workers", "deepspeed.zero_stage", "eval.batch_size"),
+}
+
+
+def keys_epilog(command: str) -> str:
+    """The help text naming ``command``'s keys, from the schema's own help."""
+    lines = ["config keys that matter here (in the YAML or as key=value; every key: "
+             "`elmm-ray config keys [SECTION]`):"]
+    for key in COMMAND_KEYS.get(command, ()):
+        info = key_info(key)
+        if info is not None:
+            default = json.dumps(info.default) if info.default is not None else "null"
+            lines.append(f"  {key:<30} {info.help} (default {default})")
+    return "\n".join(lines)

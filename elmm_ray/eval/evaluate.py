@@ -157,9 +157,9 @@ def rank_shard(model: ELMM, collator: QueryCollator, features: FeatureBank,
 
 def metrics_of(kg: KnowledgeGraph, split: str, queries: np.ndarray, ranks: np.ndarray,
                top1: np.ndarray, ks: Sequence[int] = (1, 3, 10)) -> dict:
-    """The metrics table of ranked ``queries`` (overall, per direction and category)."""
+    """The metrics of ranked ``queries`` (overall, per direction, category and relation)."""
     metrics = evaluate_ranking(ranks, top1, queries, kg.num_relations, kg.relation_categories,
-                               kg.triples["train"], ks=ks)
+                               kg.triples["train"], ks=ks, relation_names=kg.relation_texts)
     metrics["split"] = split
     metrics["num_queries"] = int(len(queries))
     return metrics

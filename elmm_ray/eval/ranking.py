@@ -209,9 +209,13 @@ def evaluate_ranking(
     relation_categories: Sequence[str],
     train_triples: np.ndarray,
     ks: Sequence[int] = (1, 3, 10),
+    relation_names: Sequence[str] | None = None,
 ) -> dict:
     """Metrics (``ranking_metrics`` + ``type_violation``) for ``overall``, ``tail``, ``head``
-    and ``categories[cat][tail|head|both]`` (categories without queries are left out)."""
+    and ``categories[cat][tail|head|both]`` (categories without queries are left out); with
+    ``relation_names``, also ``relations``: one entry per relation that has queries,
+    ``{"relation": name, "id": r, "tail": ..., "head": ...}`` (a direction without queries
+    left out), a list so that it stays out of the trackers' metrics (FB15k-237 has 237)."""
     ranks = np.asarray(ranks, dtype=np.float64)
     top1 = np.asarray(top1, dtype=np.int64)
     queries = np.asarray(queries, dtype=np.int64).reshape(-1, 3)
@@ -247,4 +251,17 @@ def evaluate_ranking(
             "head": subset(in_category & ~is_tail),
             "both": subset(in_category),
         }
+    if relation_names is not None:
+        if len(relation_names) != num_relations:
+            raise ValueError(f"{len(relation_names)} relation names for {num_relations} "
+                             "relations")
+        result["relations"] = []
+        for r, name in enumerate(relation_names):
+            entry: dict = {"relation": str(name), "id": r}
+            for direction, in_direction in (("tail", is_tail), ("head", ~is_tail)):
+                selected = (relation == r) & in_direction
+                if selected.any():
+                    entry[direction] = subset(selected)
+            if len(entry) > 2:
+                result["relations"].append(entry)
     return result

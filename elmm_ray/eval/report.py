@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,33 @@ def write_metrics_json(metrics: dict, path: str | Path) -> Path:
                    encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+BY_RELATION_ROWS = 12  # at most this many relations get a console table; more: the file
+
+
+def relation_table(metrics_file: str | None, k: int, split: str,
+                   display: Callable[[str], str] = str) -> str:
+    """Hits@k of every relation and direction from the eval stage's metrics file (a table
+    for up to ``BY_RELATION_ROWS`` relations, else a line naming the file); ``""`` when the
+    file has none (an older run). ``display``: how the file's path is shown (a remote run
+    directory's URI)."""
+    if not metrics_file or not Path(metrics_file).is_file():
+        return ""
+    relations = json.loads(Path(metrics_file).read_text()).get("relations") or []
+    if not relations:
+        return ""
+    if len(relations) > BY_RELATION_ROWS:
+        return (f"Hits@{k} of each of the {len(relations)} relations: "
+                f"{display(metrics_file)}")
+
+    def cell(entry: dict, direction: str) -> str:
+        if direction not in entry:
+            return "-"
+        figures = entry[direction]
+        value = figures.get(f"hits@{k}")
+        return "-" if value is None else f"{value:.2f} ({figures['count']})"
+
+    rows = [(e["relation"], cell(e, "tail"), cell(e, "head")) for e in relations]
+    return format_table(rows, ["relation", "tail (queries)", "head (queries)"],
+                        title=f"Hits@{k} by relation ({split})")
