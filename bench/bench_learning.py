@@ -40,11 +40,6 @@ from common import REPO_ROOT, save  # noqa: E402
 from elmm_ray.config import load_config  # noqa: E402
 from elmm_ray.data.dataset import load_dataset  # noqa: E402
 from elmm_ray.data.shards import pack_images  # noqa: E402
-from elmm_ray.eval.evaluate import (  # noqa: E402
-    rank_shard,
-    refresh_entity_cache,
-    select_queries,
-)
 from elmm_ray.layout import RunLayout, absolute_paths  # noqa: E402
 from elmm_ray.stages import run_stage  # noqa: E402
 from elmm_ray.stages.train import evaluate  # noqa: E402
@@ -67,26 +62,12 @@ DEFAULT_RUNS = "encoder,no-images,no-text-view,no-visual-view,repeat"
 SIZE_SETTINGS: dict[int, list[str]] = {300: [], 1000: ["train.epochs=2"]}
 
 
-def per_relation_hits1(cfg, kg, ctx) -> dict:
-    """Test Hits@1 (filtered) per relation and direction: the attributes of item 5 of issue
-    22. The same ranking as the evaluation (one process, every entity), split by relation."""
-    model = ctx.model.eval()
-    queries = select_queries(kg, cfg.eval.split, cfg.eval.max_queries or 0)
-    refresh_entity_cache(model, ctx.collator, ctx.features, cfg.eval.batch_size)
-    ranks, _ = rank_shard(model, ctx.collator, ctx.features, kg, queries, cfg.eval.batch_size)
-    relations = kg.num_relations
-    tail = queries[:, 1] < relations
-    relation = np.where(tail, queries[:, 1], queries[:, 1] - relations)
-    out = {}
-    for r in range(relations):
-        cells = {}
-        for direction, mask in (("tail", tail), ("head", ~tail)):
-            picked = ranks[(relation == r) & mask]
-            if len(picked):
-                cells[direction] = {"queries": int(len(picked)),
-                                    "hits@1": float((picked <= 1).mean())}
-        out[kg.relation_texts[r]] = cells
-    return out
+def per_relation_hits1(metrics: dict) -> dict:
+    """Test Hits@1 (filtered) per relation and direction, the attributes of item 5 of issue
+    22: the evaluation's own breakdown (``relations``) in this file's layout."""
+    return {entry["relation"]: {d: {"queries": entry[d]["count"], "hits@1": entry[d]["hits@1"]}
+                                for d in ("tail", "head") if d in entry}
+            for entry in metrics["relations"]}
 
 
 def train_only(kg, relations: list[str]) -> None:
@@ -136,7 +117,7 @@ def run_size(entities: int, names: list[str], args: argparse.Namespace) -> None:
             m = evaluate(cfg, kg, ctx)
             results[name] = {"overrides": [*sized, batch, *extra], "steps": summary["steps"],
                              "train_seconds": summary["train_seconds"],
-                             "per_relation": per_relation_hits1(cfg, kg, ctx),
+                             "per_relation": per_relation_hits1(m),
                              "seconds_per_step":
                                  summary["train_seconds"] / max(1, summary["steps"]),
                              **{d: {k: m[d][k] for k in METRICS}

@@ -38,7 +38,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, save  # noqa: E402
 
-from elmm_ray.models.mvtc import MVTC, CrossAttention, masked_attention  # noqa: E402
+from elmm_ray.models.mvtc import (  # noqa: E402
+    MVTC,
+    CrossAttention,
+    PoolingContext,
+    masked_attention,
+)
 from elmm_ray.tables import format_table  # noqa: E402
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
@@ -60,13 +65,18 @@ def plain_forward(attention: CrossAttention, queries, context, context_mask, poo
 
 @contextmanager
 def plain(mvtc: MVTC):
+    """The pooling attentions of ``mvtc`` run the plain formula, and MVTC builds no pooling
+    context for them (what the folded path prepares once a forward is not computed)."""
     pools = [m for m in mvtc.modules() if isinstance(m, CrossAttention)
              and m.raw_values]
     for attention in pools:
         attention.forward = plain_forward.__get__(attention)
+    prepare = PoolingContext.__dict__["of"]
+    PoolingContext.of = classmethod(lambda cls, *args: None)
     try:
         yield
     finally:
+        PoolingContext.of = prepare
         for attention in pools:
             del attention.forward
 

@@ -13,7 +13,6 @@ from elmm_ray import console
 from elmm_ray.config import Config, ConfigError, format_keys, json_schema, load_config
 from elmm_ray.config.keys import keys_epilog
 from elmm_ray.data.kg import DatasetError, load_kg
-from elmm_ray.eval.report import relation_table
 from elmm_ray.layout import RunLayout, absolute_paths, read_json
 from elmm_ray.plan.command import add_arguments, check_before_run, run_plan_command
 from elmm_ray.remote import is_uri
@@ -317,6 +316,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from elmm_ray.eval.report import relation_table  # torch: not for every command
     from elmm_ray.pipeline import run_all
 
     cfg = _config(args)
@@ -342,8 +342,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     ]
     print(format_table(rows, title=f"results ({cfg.eval.split}, filtered, both directions)"))
     if not result.get("pruned"):  # the eval stage's model (a pruned one is evaluated by prune)
-        by_relation = relation_table(result.get("metrics_file"), cfg.eval.hits_at[0],
-                                     cfg.eval.split, RunLayout.of(cfg).display)
+        by_relation = relation_table(RunLayout.of(cfg).metrics_file(cfg.eval.split),
+                                     cfg.eval.hits_at[0], cfg.eval.split, RunLayout.of(cfg).display)
         if by_relation:
             print(by_relation)
     stage_rows = [(stage, f"{seconds:.1f}") for stage, seconds in result["timings"].items()]

@@ -36,6 +36,6 @@ def run_all(cfg: Config, show_progress: bool = True) -> dict:
     export = results["export"].manifest
     return {"dataset": cfg.dataset.name, "parameters": export["parameters"], "metrics": metrics,
             "export_dir": export["out_dir"], "skipped_training": results["train"].skipped,
-            "metrics_file": evaluated.get("metrics_file"), "pruned": "prune" in results,
+            "pruned": "prune" in results,
             "timings": {name: r.seconds for name, r in results.items()},
             "train_seconds": train.get("train_seconds", 0.0)}

@@ -173,7 +173,7 @@ def test_run_results_give_hits_at_1_per_relation(tmp_path, capsys, monkeypatch):
     figures = {"mrr": 0.5, "mr": 3.0, "hits@1": 0.25, "hits@3": 0.6, "hits@10": 0.9}
     result = {"dataset": "synthetic", "parameters": 10, "export_dir": str(tmp_path / "export"),
               "skipped_training": False, "timings": {"train": 1.0}, "train_seconds": 1.0,
-              "metrics": {"overall": figures}, "metrics_file": str(metrics_file)}
+              "metrics": {"overall": figures}}
     monkeypatch.setattr(pipeline, "run_all", lambda cfg: result)
     for count, pruned in ((3, False), (13, False), (3, True)):
         metrics_file.write_text(json.dumps({"relations": [relation(i) for i in range(count)]}))

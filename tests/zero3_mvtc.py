@@ -76,6 +76,7 @@ def main() -> None:
         loss = twice(sharded)
     except RuntimeError as error:
         print(json.dumps({"partitioned": partitioned, "marked": marked, "error": str(error)}))
+        dist.destroy_process_group()
         return
     engine.backward(loss)
     engine.step()

@@ -75,8 +75,8 @@ def write_metrics_json(metrics: dict, path: str | Path) -> Path:
 BY_RELATION_ROWS = 12  # at most this many relations get a console table; more: the file
 
 
-def relation_table(metrics_file: str | None, k: int, split: str,
-                   display: Callable[[str], str] = str) -> str:
+def relation_table(metrics_file: str | Path | None, k: int, split: str,
+                   display: Callable[[str | Path], str] = str) -> str:
     """Hits@k of every relation and direction from the eval stage's metrics file (a table
     for up to ``BY_RELATION_ROWS`` relations, else a line naming the file); ``""`` when the
     file has none (an older run). ``display``: how the file's path is shown (a remote run
