@@ -144,3 +144,33 @@ def test_startup_phases_split_a_fit_and_tolerate_an_attempt_without_steps():
     phases = startup_phases(no_step, fit_called=100.0, fit_returned=111.0)
     assert "to_first_step" not in phases and phases["fixed"] == 11.0
     assert startup_phases(None, 0.0, 1.0) == {}
+
+
+def test_a_killed_workers_checkpoint_dir_is_removed_once_old(tmp_path):
+    """A Ray Train worker killed while writing its checkpoint leaves ``elmm_ckpt_<pid>_*`` in
+    the temp dir; the next worker on the node removes it when that process is gone and the
+    directory is over an hour old, and nothing else: not a live process's, not a recent one,
+    not another program's."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from elmm_ray.train.backends import CHECKPOINT_PREFIX, remove_stale_checkpoint_dirs
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(done.stdout)
+    two_hours_ago = time.time() - 7200
+    dirs = {name: tmp_path / name for name in (
+        f"{CHECKPOINT_PREFIX}{dead}_old", f"{CHECKPOINT_PREFIX}{dead}_recent",
+        f"{CHECKPOINT_PREFIX}{os.getpid()}_alive", f"{CHECKPOINT_PREFIX}abc_notapid",
+        "other_123_dir")}
+    for name, path in dirs.items():
+        path.mkdir()
+        (path / "weights.bin").write_bytes(b"0" * 10)
+        if not name.endswith("recent"):
+            os.utime(path, (two_hours_ago, two_hours_ago))
+    removed = remove_stale_checkpoint_dirs(tmp_path)
+    assert removed == [dirs[f"{CHECKPOINT_PREFIX}{dead}_old"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(dirs) - {removed[0].name})

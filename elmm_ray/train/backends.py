@@ -15,6 +15,8 @@ and the preemption policy both sessions answer to (:func:`checkpoint_due`,
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -161,6 +163,31 @@ class LocalSession:
         return value
 
 
+CHECKPOINT_PREFIX = "elmm_ckpt_"  # + "<pid>_": a worker's checkpoint on its way out
+STALE_CHECKPOINT_S = 3600.0
+
+
+def remove_stale_checkpoint_dirs(root: str | Path | None = None,
+                                 min_age_s: float = STALE_CHECKPOINT_S) -> list[Path]:
+    """Remove the temporary checkpoint directories that killed workers left in ``root`` (the
+    temp dir): a name ``elmm_ckpt_<pid>_*`` whose process is gone and that is older than
+    ``min_age_s`` (an hour: a slow save of a live process elsewhere is never touched).
+    Returns what was removed."""
+    import psutil
+
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{CHECKPOINT_PREFIX}*_*"):
+        pid = path.name[len(CHECKPOINT_PREFIX):].split("_", 1)[0]
+        try:
+            old = time.time() - path.stat().st_mtime > min_age_s
+        except OSError:
+            continue
+        if pid.isdigit() and old and path.is_dir() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class RaySession:
     """A Ray Train worker: every rank takes part in gathering the portable checkpoint
     (:mod:`elmm_ray.train.portable`: whole trainable tensors, AdamW moments, schedule, data
@@ -177,6 +204,7 @@ class RaySession:
         self.engine, self.scheduler, self.model = engine, scheduler, model
         self.resumed_state = resumed_state
         self.checkpoint_seconds = 0.0  # how long the last report with a checkpoint took
+        remove_stale_checkpoint_dirs()  # what a killed worker on this node left
         # NCCL groups carry CUDA tensors only; gloo (CPU) takes CPU tensors.
         nccl = torch.distributed.get_backend() == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
@@ -193,7 +221,7 @@ class RaySession:
     def report(self, record: dict, state: dict) -> None:
         started = time.perf_counter()
         rng = self._rng_states()
-        with tempfile.TemporaryDirectory(prefix="elmm_ckpt_") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{CHECKPOINT_PREFIX}{os.getpid()}_") as tmp:
             generator = state.pop("generator")
             save_portable(tmp, self.model, self.engine.optimizer, self.scheduler,
                           {**state, "world": self.world}, generator, rng, self.rank)
