@@ -323,6 +323,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.train.use_gpu:  # the plan's one line first; a plan that does not fit is refused
         check_before_run(cfg, args.ignore_plan)
     result = run_all(cfg)
+    layout = RunLayout.of(cfg)
     metrics = result["metrics"]
     overall = metrics["overall"]
     visual = ("all patch tokens" if cfg.model.uncompressed
@@ -338,12 +339,12 @@ def cmd_run(args: argparse.Namespace) -> int:
           if "tail" in metrics and "head" in metrics],
         ("train time", f"{result['train_seconds']:.1f} s"
          + (" (already trained: skipped)" if result["skipped_training"] else "")),
-        ("exported model", RunLayout.of(cfg).display(result["export_dir"])),
+        ("exported model", layout.display(result["export_dir"])),
     ]
     print(format_table(rows, title=f"results ({cfg.eval.split}, filtered, both directions)"))
     if not result.get("pruned"):  # the eval stage's model (a pruned one is evaluated by prune)
-        by_relation = relation_table(RunLayout.of(cfg).metrics_file(cfg.eval.split),
-                                     cfg.eval.hits_at[0], cfg.eval.split, RunLayout.of(cfg).display)
+        by_relation = relation_table(layout.metrics_file(cfg.eval.split), cfg.eval.hits_at[0],
+                                     cfg.eval.split, layout.display)
         if by_relation:
             print(by_relation)
     stage_rows = [(stage, f"{seconds:.1f}") for stage, seconds in result["timings"].items()]
