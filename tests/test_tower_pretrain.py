@@ -73,3 +73,17 @@ def test_the_committed_tower_matches_its_card():
     tower = load_tower(str(COMMITTED))
     spec = pixel_spec(str(COMMITTED))
     assert (spec.height, spec.width) == (tower.config.image_size,) * 2
+
+
+def test_the_demo_reads_the_committed_tower_from_any_directory(tmp_path, monkeypatch):
+    """configs/demo.yaml's preset names the committed tower by where this source tree is, so
+    `elmm-ray run /path/to/configs/demo.yaml` works from any directory; the tests' preset
+    (tiny-test) keeps the random tower."""
+    from elmm_ray.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    assert demo.model.preset == "tiny-pretrained"
+    assert Path(demo.model.vision_tower) == COMMITTED and demo.model.vision_feature_layer == -1
+    tests = load_config(REPO_ROOT / "configs" / "demo.yaml", ["model.preset=tiny-test"])
+    assert tests.model.vision_tower is None

@@ -77,7 +77,7 @@ def test_a_relative_local_mlflow_store_is_refused(uri):
 def test_params_are_the_config_without_tracking_keys():
     cfg = load_config("configs/demo.yaml", ["tracking.mlflow_uri=http://user:secret@host:5000"])
     params = flatten(tracked_config(cfg))
-    assert params["train.learning_rate"] == 0.001 and params["model.preset"] == "tiny"
+    assert params["train.learning_rate"] == 0.001 and params["model.preset"] == "tiny-pretrained"
     assert not any(k.startswith("tracking.") for k in params)
     assert "train.loggers" not in params and "secret" not in json.dumps(params)
     assert numbers({"overall": {"hits@1": 0.5, "mrr": 1}, "split": "test", "ok": True},
