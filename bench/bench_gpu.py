@@ -10,7 +10,7 @@ test-set shape. Prints tables and writes ``bench/results/gpu.json``.
     336 px, patch 14) built from a config like the project's towers, in bf16: the extract
     actor's call (``_TowerActor``: CPU pixels in, fp16 features as an Arrow block out) and
     the tower forward alone (``encode_images`` on GPU-resident pixels), per batch size.
-(c) Evaluation of the tiny model (the demo preset) on a random KG of FB15k-237's size
+(c) Evaluation of the tiny model (`preset: tiny`) on a random KG of FB15k-237's size
     (14,541 entities, 237 relations, 272,115 train triples): ``evaluate_model`` on 4,000
     test queries (2,000 triples x 2 directions) with the model on CUDA, and the ranking
     step alone on CPU vs GPU.

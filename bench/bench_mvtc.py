@@ -134,7 +134,9 @@ def training_step(steps: int) -> dict:
     from elmm_ray.train.step import QueryBatches, compute_loss
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_mvtc_")
-    cfg = absolute_paths(load_config(DEMO, [f"run_dir={tmp.name}", "train.backend=local"]))
+    # preset tiny: the random tower whose shapes ``demo`` above copies (4 px patches)
+    cfg = absolute_paths(load_config(DEMO, [f"run_dir={tmp.name}", "model.preset=tiny",
+                                            "train.backend=local"]))
     run_stages([s for s in pipeline_stages(cfg) if s in ("synth", "pack", "extract")], cfg,
                show_progress=False)
     kg = load_dataset(cfg)

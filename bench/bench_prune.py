@@ -130,8 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def bench_config(args: argparse.Namespace):
-    overrides = [
-        f"run_dir={args.run_dir}", "train.backend=local", "ray.num_cpus=2",
+    overrides = [  # the random tiny tower (preset tiny): what results/prune*.json measured
+        f"run_dir={args.run_dir}", "model.preset=tiny", "train.backend=local", "ray.num_cpus=2",
         f"dataset.synth.num_entities={args.entities}",
         f"model.llm_hidden={args.hidden}", f"model.llm_layers={args.layers}",
         f"model.llm_heads={args.heads}", f"model.llm_kv_heads={args.kv_heads}",

@@ -216,8 +216,9 @@ class BuildCounter:
 
 def overrides(quick: bool, backend: str, epochs: int, run_dir: str) -> list[str]:
     """The config overrides of one run of the bench."""
-    common = [f"run_dir={run_dir}", f"train.backend={backend}", f"train.epochs={epochs}",
-              "ray.num_cpus=2", *PRUNE]
+    # preset tiny: the random tower results/stages.json was measured with (quick: tiny-test)
+    common = [f"run_dir={run_dir}", "model.preset=tiny", f"train.backend={backend}",
+              f"train.epochs={epochs}", "ray.num_cpus=2", *PRUNE]
     if quick:
         from tests.tiny import TINY_DATA, TINY_MODEL
 

@@ -1,7 +1,8 @@
 """What a random-init tiny vision tower exposes: a linear probe from each object's pooled
 patch features (mean over its images' tokens, layer -2) to its hidden colour and shape in
-the synthetic KG, for several patch sizes. This is why `configs/demo.yaml` uses 4 px
-patches: the probe's shape accuracy is near chance at 16 px.
+the synthetic KG, for several patch sizes. This is why the random tower of `preset: tiny`
+(the demo's until it moved to the pre-trained tower) uses 4 px patches: the probe's shape
+accuracy is near chance at 16 px.
 
     python bench/bench_vision_probe.py [--patches 16 8 4] [--entities 300]
 """

@@ -13,6 +13,7 @@ the stages it consumes (:func:`fingerprint`). Every skip/resume decision compare
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -97,14 +98,52 @@ def config_values(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+TOWER_FILES = ("config.json", "preprocessor_config.json")  # plus every *.safetensors
+
+
+def tower_reference(source: str | None) -> str | None:
+    """What identifies vision tower ``source`` (``model.vision_tower``) in stage fingerprints
+    and composed backbones: a local directory by its contents (``sha256:`` of its config and
+    weight files), so that the same tower in a moved checkout or in a Ray job's uploaded
+    ``working_dir`` is the same tower; a hub id (or nothing) as it is."""
+    if not source:
+        return source
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return source
+    files = sorted([path / f for f in TOWER_FILES if (path / f).is_file()]
+                   + list(path.glob("*.safetensors")))
+    stats = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _directory_digest(str(path.resolve()), stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _directory_digest(path: str, stats: tuple) -> str:
+    """sha256 over the named files of ``path`` (``stats``: their names, sizes and times, the
+    cache key: a changed file is hashed again)."""
+    digest = hashlib.sha256()
+    for name, _size, _mtime in stats:
+        digest.update(name.encode() + b"\0")
+        with open(Path(path, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
 def fingerprint_values(cfg: Config, keys: Iterable[str], exclude: Iterable[str] = ()) -> dict:
     """The config values at ``keys`` minus the dotted ``exclude`` keys (e.g. test hooks and
-    worker counts, which do not change a result): what a stage's fingerprint hashes."""
+    worker counts, which do not change a result): what a stage's fingerprint hashes. A local
+    ``model.vision_tower`` counts by its contents, not its path (:func:`tower_reference`)."""
     values = config_values(cfg, keys)
     for key in exclude:
         section, _, leaf = key.rpartition(".")
         if section in values and isinstance(values[section], dict):
             values[section] = {k: v for k, v in values[section].items() if k != leaf}
+    if isinstance(values.get("model"), dict) and values["model"].get("vision_tower"):
+        values["model"] = {**values["model"],
+                           "vision_tower": tower_reference(values["model"]["vision_tower"])}
+    if values.get("model.vision_tower"):
+        values["model.vision_tower"] = tower_reference(values["model.vision_tower"])
     return values
 
 

@@ -257,3 +257,53 @@ def test_pipeline_features_equal_the_towers_forward(pipelines, towers, family):
     metrics = json.loads(RunLayout.of(cfg).path("train", "summary.json").read_text())
     assert len(metrics["losses"]) == 4 and all(np.isfinite(metrics["losses"]))
     assert 0 < evaluated.manifest["overall"]["mrr"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_the_demo_preset_trains_and_its_tower_counts_by_contents(tmp_path, ray_session):
+    """The demo's preset (tiny-pretrained: the committed tower under the tiny LLM) through
+    pack, extract, train (locally) and eval on the tiny KG. The run's backbone is composed
+    and records the tower by its contents, so the same tower at another path (a moved
+    checkout, a Ray job's uploaded working_dir) reuses the run: no stage re-runs and the
+    backbone is accepted; a tower whose files differ is refused."""
+    import shutil
+
+    from elmm_ray.data.dataset import load_dataset
+    from elmm_ray.layout import tower_reference
+    from elmm_ray.models.towers import composed_identity
+    from elmm_ray.stages import run_stages
+    from elmm_ray.train.context import backbone_source
+    from tests.tiny import TINY_DATA, TINY_LOCAL_TRAIN
+
+    committed = REPO_ROOT / "towers" / "elmm-tiny-clip"
+    run = [f"run_dir={tmp_path / 'run'}", *TINY_DATA, *TINY_LOCAL_TRAIN, "train.epochs=1",
+           "train.max_steps=3", "mvtc.n_visual=4", "mvtc.n_text=4", "mvtc.heads=2",
+           "model.entity_repr=table"]
+    cfg = absolute_paths(load_config(REPO_ROOT / "configs" / "demo.yaml", run))
+    assert Path(cfg.model.vision_tower) == committed
+    first = run_stages(["eval"], cfg, show_progress=False)
+    assert not any(r.skipped for r in first.values())
+    layout = RunLayout.of(cfg)
+    assert json.loads(layout.metrics_file("test").read_text())["overall"]["mrr"] > 0
+    identity = composed_identity(layout.backbone)
+    assert identity["vision_tower"] == tower_reference(str(committed))
+    assert identity["vision_tower"].startswith("sha256:")
+    assert load_backbone(str(layout.backbone)).config.vision_config.patch_size == 8
+
+    moved = tmp_path / "elsewhere" / "elmm-tiny-clip"
+    shutil.copytree(committed, moved)
+    again = absolute_paths(load_config(REPO_ROOT / "configs" / "demo.yaml",
+                                       [*run, f"model.vision_tower={moved}"]))
+    rerun = run_stages(["eval"], again, show_progress=False)
+    assert set(rerun) == set(first) and all(r.skipped for r in rerun.values())
+    kg = load_dataset(again)
+    assert backbone_source(again, kg, layout) == str(layout.backbone)
+
+    (moved / "config.json").write_text((moved / "config.json").read_text() + "\n")
+    changed = absolute_paths(load_config(REPO_ROOT / "configs" / "demo.yaml",
+                                         [*run, f"model.vision_tower={moved}"]))
+    assert tower_reference(str(moved)) != identity["vision_tower"]
+    with pytest.raises(ValueError, match="use a new run_dir"):
+        backbone_source(changed, kg, layout)

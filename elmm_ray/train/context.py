@@ -23,7 +23,7 @@ from elmm_ray.data.collate import QueryCollator
 from elmm_ray.data.feature_store import open_feature_store
 from elmm_ray.data.image_features import FeatureBank, features_from_shards
 from elmm_ray.data.kg import KnowledgeGraph
-from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json
+from elmm_ray.layout import BEST_RECORD, BEST_SUBDIR, RunLayout, read_json, tower_reference
 from elmm_ray.models.backbone import image_feature_shape, vision_tower_of
 from elmm_ray.models.build import (
     build_elmm,
@@ -144,11 +144,16 @@ def _composition(cfg: Config) -> dict | None:
     m = cfg.model
     if not m.vision_tower:
         return None
-    identity = {"vision_tower": m.vision_tower, "backbone": m.backbone, "seed": cfg.seed,
-                "vision_feature_layer": m.vision_feature_layer, "dtype": m.dtype}
+    identity = {"vision_tower": tower_reference(m.vision_tower), "backbone": m.backbone,
+                "seed": cfg.seed, "vision_feature_layer": m.vision_feature_layer,
+                "dtype": m.dtype}
     if m.backbone == "tiny":
         identity["tiny_llm"] = [m.llm_hidden, m.llm_layers, m.llm_heads, m.llm_kv_heads,
                                 m.llm_intermediate, m.vocab_size]
+        # The tiny LLM is taken from a whole seeded tiny LLaVA, whose random tower of these
+        # sizes is drawn first: they decide the LLM's draw (models/build.composed_backbone).
+        identity["tiny_draw"] = [m.vision_hidden, m.vision_layers, m.vision_heads,
+                                 m.image_size, m.patch_size]
     return identity
 
 
