@@ -9,9 +9,9 @@ cluster shared by every test here:
 - `elmm-ray run` with `ray.address` of an elastic run (`train.num_workers=[1, 2]`) with a
   node drained as preempted (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, then
   reclaimed at its deadline) and a node killed outright: it finishes, every step once except
-  those after the last checkpoint before the kill, no step redone after the preemption (the
-  just-in-time checkpoint), the figures of an uninterrupted one-process run, the nodes
-  released afterwards.
+  those after the last checkpoint registered before the kill, no step redone after the
+  preemption (the just-in-time checkpoint), the figures of an uninterrupted one-process run,
+  the nodes released afterwards.
 """
 
 from __future__ import annotations
@@ -168,8 +168,16 @@ def test_a_sweep_scales_up_to_the_node_limit_and_back_down(cluster, tmp_path):
 # The elastic run: 1 to 2 workers, 4 epochs of the tiny KG (124 steps, each made 0.25 s
 # longer by the test hook so that the run outlasts the drain's deadline and two restarts),
 # a checkpoint every 10 steps, Ray Train looking for more workers every 5 s.
+CHECKPOINT_EVERY = 10
+# A checkpoint a worker has written becomes the run's when the Train controller registers
+# it, at its next poll of the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 0.5 s in tests):
+# a node killed in between loses it (measured once under load: the step-100 checkpoint was
+# on storage but unregistered when the node died at step 101, so the run resumed from step
+# 90 and redid 11 steps). Each step takes at least step_delay_s = 0.25 s, so at most 2 steps
+# fall in one poll interval; 1 more for a controller that polls late on a loaded machine.
+IN_FLIGHT_STEPS = 3
 ELASTIC = ["train.num_workers=[1, 2]", "train.epochs=4", "train.step_delay_s=0.25",
-           "train.eval_every=10",
+           f"train.eval_every={CHECKPOINT_EVERY}",
            "train.resize_interval_s=5", "train.max_failures=3", "model.entity_repr=table"]
 
 
@@ -178,8 +186,9 @@ def test_elastic_training_survives_a_preempted_and_a_killed_node(cluster, tmp_pa
     deadline and reclaimed then; 6 steps into the next attempt another node dies outright.
     The run finishes on what is left and what the autoscaler adds: no step redone after the
     preemption (the just-in-time checkpoint, then no more steps), at most one checkpoint
-    interval redone after the kill, every step of the planned run taken (the data position is
-    the global batch's), and the figures of one uninterrupted process."""
+    interval (and the steps of a checkpoint not yet registered) redone after the kill, every
+    step of the planned run taken (the data position is the global batch's), and the figures
+    of one uninterrupted process."""
     cfg, overrides = _config(tmp_path / "elastic", *ELASTIC)
     run = run_with_faults(cluster, ["run", DEMO, f"run_dir={cfg.run_dir}", *overrides,
                                     f"ray.address={cluster.address}"], Path(cfg.run_dir),
@@ -194,8 +203,9 @@ def test_elastic_training_survives_a_preempted_and_a_killed_node(cluster, tmp_pa
     # which is the last step the preempted attempt took; the other restarts (the kill; a
     # resize when a second node joined after the start) redo at most one checkpoint interval.
     restarts = fault_restarts(run, preemption["step"])
-    assert restarts["drain"] == 0 and restarts["kill"] <= 10
-    assert all(r <= 10 for r in redone)
+    most = CHECKPOINT_EVERY + IN_FLIGHT_STEPS
+    assert restarts["drain"] == 0 and restarts["kill"] <= most, (restarts, redone)
+    assert all(r <= most for r in redone), redone
     assert summary["steps"] == attempts[-1]["steps"][-1] == len(summary["losses"])
     taken = sorted({n for a in attempts for n in a["steps"]})
     assert taken == list(range(1, summary["steps"] + 1))  # every step, none skipped
