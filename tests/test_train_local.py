@@ -146,6 +146,26 @@ def test_startup_phases_split_a_fit_and_tolerate_an_attempt_without_steps():
     assert startup_phases(None, 0.0, 1.0) == {}
 
 
+def test_a_worker_whose_dataset_differs_from_the_drivers_refuses_to_train():
+    """Ray Train workers take their training queries from the KG they load; the driver's
+    digest of its own queries makes a node with another copy of the dataset an error that
+    names the dataset, not a different objective."""
+    from elmm_ray.config import build_config
+    from elmm_ray.train.loop import check_queries, query_digest
+
+    cfg = build_config(overrides=["dataset.path=/data/kg"])
+    queries = np.array([[0, 1, 2], [2, 3, 0]], dtype=np.int64)
+    digest = query_digest(queries)
+    assert digest["rows"] == 2 and query_digest(queries.astype(np.int32)) == digest
+    check_queries(queries, digest, 0, cfg)  # the same queries: nothing to say
+    check_queries(queries, None, 0, cfg)  # a driver that sent no digest
+    with pytest.raises(RuntimeError, match=r"rank 1 read 1 training queries .* "
+                                           r"dataset.path='/data/kg', the driver 2 "):
+        check_queries(queries[:1], digest, 1, cfg)
+    with pytest.raises(RuntimeError, match="every node must read the same dataset"):
+        check_queries(queries[::-1], digest, 1, cfg)
+
+
 def test_a_killed_workers_checkpoint_dir_is_removed_once_old(tmp_path):
     """A Ray Train worker killed while writing its checkpoint leaves ``elmm_ckpt_<pid>_*`` in
     the temp dir; the next worker on the node removes it when that process is gone and the

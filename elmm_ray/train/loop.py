@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import os
 import shutil
 import time
@@ -420,6 +421,25 @@ def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     return summary
 
 
+def query_digest(queries: np.ndarray) -> dict:
+    """The number and sha256 of ``(n, 3)`` training queries (as int64)."""
+    data = np.ascontiguousarray(queries, dtype=np.int64)
+    return {"rows": int(len(data)), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+
+
+def check_queries(queries: np.ndarray, expected: dict | None, rank: int, cfg: Config) -> None:
+    """Raise if this worker's training queries are not the driver's (``expected``: its
+    :func:`query_digest`): a node whose copy of the dataset differs."""
+    if expected is None:
+        return
+    got = query_digest(queries)
+    if got != expected:
+        raise RuntimeError(
+            f"rank {rank} read {got['rows']} training queries (sha256 {got['sha256'][:12]}) "
+            f"from dataset.path={cfg.dataset.path!r}, the driver {expected['rows']} "
+            f"(sha256 {expected['sha256'][:12]}): every node must read the same dataset")
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The function a ``TorchTrainer`` runs on every worker: ``config`` holds the resolved
     config (``cfg``) and the :class:`LoopSpec` (``spec``) as plain dicts."""
@@ -444,12 +464,11 @@ def train_loop_per_worker(config: dict) -> None:
     marks["dataset"] = time.time()
     ctx = prepare_context(cfg, kg, spec)
     marks["model"] = time.time()
-    shard = ray.train.get_dataset_shard("train")
-    queries = np.concatenate([b["data"] for b in shard.iter_batches(batch_format="numpy",
-                                                                     batch_size=65536)])
-    marks["queries"] = time.time()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    queries = kg.queries("train", cfg.train.both_directions)
+    check_queries(queries, config.get("queries"), rank, cfg)
+    marks["queries"] = time.time()
     steps = total_steps(cfg, optimizer_steps_per_epoch(cfg, queries))
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     client_optimizer = None

@@ -26,7 +26,13 @@ from elmm_ray.ray_session import init_ray
 from elmm_ray.remote import join_uri, open_uri
 from elmm_ray.train.checkpoint_integrity import verify_resume
 from elmm_ray.train.context import backbone_source, prepare_backbone
-from elmm_ray.train.loop import MODEL_SUBDIR, LoopSpec, train_local, train_loop_per_worker
+from elmm_ray.train.loop import (
+    MODEL_SUBDIR,
+    LoopSpec,
+    query_digest,
+    train_local,
+    train_loop_per_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +86,7 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     """A ``TorchTrainer`` for ``cfg`` and ``spec`` (Ray must be initialised); inside a Ray
     Tune trial (``tune_trial``) every report also reaches Tune; rank 0 puts its progress
     records into ``progress_queue`` (a ``ray.util.queue.Queue``) when one is given."""
-    import ray.data
-    from ray.train import (
-        CheckpointConfig,
-        DataConfig,
-        FailureConfig,
-        RunConfig,
-        ScalingConfig,
-    )
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = absolute_paths(cfg)
@@ -96,12 +95,10 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     backbone_source(cfg, kg, layout)  # tokenizer + backbone written before any worker
     prepare_backbone(cfg)  # a hub checkpoint: fetched once on every node first
     tc = cfg.train
-    queries = kg.queries("train", tc.both_directions)
-    # Workers read these few integers once; a progress bar would only linger in the log.
-    data_context = ray.data.DataContext.get_current()
-    bars, data_context.enable_progress_bars = data_context.enable_progress_bars, False
-    dataset = ray.data.from_numpy(queries)
-    data_context.enable_progress_bars = bars
+    # Every worker loads the KG itself (it validates on it) and takes its training queries
+    # from it; their digest, checked there, makes a node with another copy of the dataset an
+    # error instead of a different objective.
+    digest = query_digest(kg.queries("train", tc.both_directions))
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
@@ -111,17 +108,17 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": config_to_dict(cfg), "spec": dataclasses.asdict(spec),
-                           "progress": progress_queue},
+                           "progress": progress_queue, "queries": digest},
         # N workers, or an elastic (MIN, MAX): the run starts with what the cluster gives
         # (>= MIN), grows when nodes join, goes on with the workers left when one is lost.
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=tc.resize_interval_s),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        # Every worker receives all training queries and takes its own slice of each
-        # epoch's seeded permutation (QueryBatches): an exact, resumable data order.
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # No Ray Data dataset: every worker takes its own slice of each epoch's seeded
+        # permutation of all training queries (QueryBatches), an exact, resumable data order;
+        # a dataset would only ship the same few integers, at the cost of 2-4 more processes
+        # per fit and per restart (bench/results/startup.json).
         run_config=RunConfig(
             name=spec.run_name,
             storage_path=storage_path,
