@@ -8,19 +8,22 @@
   controller and worker group up to the worker process, the process's start, the shutdown);
 - the project's fit (``train_ray`` on the tiny config, 1 and 2 workers, ZeRO-2): rank 0's
   start-up marks (``summary.json`` ``startup``; ``trainer.startup_phases``): the worker
-  process, its imports, dataset, model, queries, DeepSpeed engine, first step, shutdown;
+  process, its imports, dataset, training queries, model, DeepSpeed engine, first step, shutdown;
 - a Tune trial on Ray Train (one trial of the tiny sweep, as bench/bench_tune.py runs it): the
   trial's stages (entity init with an entity table, train) and the fit's phases inside it,
   next to the trial's time and its training time.
 
 Saves bench/results/startup.json and prints a table. Figures are seconds on this machine;
-the fixed cost of a fit is everything outside its training loop (``fixed``).
+the fixed cost of a fit is everything outside its training loop (``fixed``); ``cpu_seconds``
+is what the whole machine spent busy during the fit (every process it started, Ray's own
+included), steadier than its wall time on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -66,6 +69,17 @@ def import_seconds(module: str, repeats: int) -> float:
     return round(min(times), 3)
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (``/proc/stat``: user, nice, system, irq,
+    softirq), so that a fit's cost counts every process it starts; 0 where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
+
+
 def _noop(config: dict) -> None:
     import json as _json
     import time as _time
@@ -90,14 +104,15 @@ def bare_fit(repeats: int) -> dict:
                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                 torch_config=TorchConfig(backend="gloo"),
                 run_config=RunConfig(storage_path=str(Path(tmp) / "storage")))
-            called = time.time()
+            busy, called = busy_cpu_seconds(), time.time()
             trainer.fit()
             returned = time.time()
+            cpu = busy_cpu_seconds() - busy
             marks = json.loads(marks_file.read_text())
         rows.append({"to_worker_process": marks["process"] - called,
                      "worker_start": marks["entered"] - marks["process"],
                      "after_function": returned - marks["entered"],
-                     "fit": returned - called})
+                     "fit": returned - called, "cpu_seconds": cpu})
     return {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
 
 
@@ -107,9 +122,11 @@ def project_fit(root: Path, workers: int, overrides: list[str]) -> dict:
                                             f"train.num_workers={workers}", *overrides]))
     run_stages([s for s in pipeline_stages(cfg) if s in ("synth", "pack", "extract")], cfg,
                show_progress=False)
-    summary = train_ray(cfg, load_dataset(cfg), show_progress=False)
+    kg = load_dataset(cfg)
+    busy = busy_cpu_seconds()
+    summary = train_ray(cfg, kg, show_progress=False)
     return {"workers": workers, "train_seconds": round(summary["train_seconds"], 3),
-            **summary["startup"]}
+            **summary["startup"], "cpu_seconds": round(busy_cpu_seconds() - busy, 3)}
 
 
 def tune_trial(root: Path, overrides: list[str]) -> dict:

@@ -3,16 +3,20 @@ entity init, cost measurement) against training time, trials per hour, and the t
 by sharing upstream stages (the sweep vs the same trials as independent pipeline runs).
 
     python bench/bench_tune.py [--backend ray|local] [--trials 4] [key=value ...]
+    python bench/bench_tune.py --sweep-dir RUN_DIR --name NAME --sweep-command "..."
 
-``--backend local`` is what a sweep of one-CPU-worker trials does by default
-(``tune.trial_backend=auto``); ``ray`` fits a TorchTrainer per trial (the figures before it).
-
-Every trial of the sweep runs to the end (no scheduler), so both sides do the same work.
+``--sweep-dir`` reads a sweep a user ran (``elmm-ray tune CONFIG --space SPACE
+run_dir=RUN_DIR``, e.g. the demo compression sweep, ASHA included; ``--sweep-command``
+records that command) and saves each trial's time against its training time
+(``bench/results/tune_NAME.json``): a trial's time is Tune's ``time_total_s`` at its last
+report (ASHA-stopped trials included), its training time the ``train_seconds`` of its last
+validation record.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import tempfile
@@ -42,12 +46,60 @@ TINY = [
 N_VISUAL = [2, 4, 8, 16, 32, 64]
 
 
+def summarise_sweep(run_dir: Path, name: str, sweep_command: str) -> None:
+    """The overhead of every trial of a finished sweep in ``run_dir`` (see the docstring)."""
+    tune_dir = run_dir / "tune"
+    if not (tune_dir / "results.csv").is_file():
+        raise SystemExit(f"{tune_dir / 'results.csv'} not found: run the sweep first "
+                         "(elmm-ray tune CONFIG --space SPACE run_dir=RUN_DIR)")
+    last_report = {}
+    for path in (tune_dir / "experiment").glob("*/result.json"):
+        lines = path.read_text().splitlines()
+        if lines:
+            record = json.loads(lines[-1])
+            last_report[record["trial_id"]] = record
+    trials = []
+    with open(tune_dir / "results.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            tid = row["trial_id"]
+            history = (tune_dir / "trials" / tid / "train" / "metrics.jsonl").read_text()
+            train_seconds = json.loads(history.splitlines()[-1])["train_seconds"]
+            trial_seconds = last_report[tid]["time_total_s"]
+            params = {k: row[k] for k in row if "." in k}
+            trials.append({"trial_id": tid, "status": row["status"], **params,
+                           "reports": int(row["training_iteration"]),
+                           "val_mrr": float(row["val_mrr"]), "trial_seconds": trial_seconds,
+                           "train_seconds": train_seconds,
+                           "overhead_seconds": trial_seconds - train_seconds,
+                           "overhead_share": 1 - train_seconds / trial_seconds})
+    train_total = sum(t["train_seconds"] for t in trials)
+    trial_total = sum(t["trial_seconds"] for t in trials)
+    payload = {"command": "python bench/bench_tune.py " + " ".join(sys.argv[1:]),
+               "sweep_command": sweep_command,
+               "trials": trials, "overhead_share": 1 - train_total / trial_total,
+               "most_overhead_share": max(t["overhead_share"] for t in trials)}
+    rows = [(t["trial_id"], t["status"], t["reports"], f"{t['trial_seconds']:.1f}",
+             f"{t['train_seconds']:.1f}", f"{100 * t['overhead_share']:.0f}%")
+            for t in trials]
+    print(format_table(rows, ["trial", "status", "reports", "trial s", "train s", "overhead"],
+                       title=f"{run_dir}: overhead {100 * payload['overhead_share']:.0f}% "
+                             "of the trials' time"))
+    save(f"tune_{name}", payload)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backend", choices=["ray", "local"], default="ray")
     parser.add_argument("--trials", type=int, default=4, help="trials (<= 6)")
+    parser.add_argument("--sweep-dir", type=Path, help="summarise this finished sweep instead")
+    parser.add_argument("--name", default="sweep", help="results name with --sweep-dir")
+    parser.add_argument("--sweep-command", default="", help="with --sweep-dir: the command "
+                        "that ran the sweep, recorded with the figures")
     parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_args()
+    if args.sweep_dir:
+        summarise_sweep(args.sweep_dir, args.name, args.sweep_command)
+        return
     values = N_VISUAL[:args.trials]
     init_ray(RayConfig(num_cpus=2))
     # --backend sets where trials train (tune.trial_backend; its default, auto, trains these

@@ -422,27 +422,32 @@ def train_local(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
 
 
 def query_digest(queries: np.ndarray) -> dict:
-    """The number and sha256 of ``(n, 3)`` training queries (as int64)."""
-    data = np.ascontiguousarray(queries, dtype=np.int64)
+    """The number and sha256 of ``(n, 3)`` training queries (as little-endian int64)."""
+    data = np.ascontiguousarray(queries, dtype="<i8")
     return {"rows": int(len(data)), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
 
 
-def check_queries(queries: np.ndarray, expected: dict | None, rank: int, cfg: Config) -> None:
+def check_queries(queries: np.ndarray, expected: dict, rank: int, cfg: Config) -> None:
     """Raise if this worker's training queries are not the driver's (``expected``: its
-    :func:`query_digest`): a node whose copy of the dataset differs."""
-    if expected is None:
-        return
+    :func:`query_digest`): a node whose copy of the dataset differs. Ray Train retries the
+    error up to ``train.max_failures`` times (each restart fails the same way) and then
+    reports it."""
     got = query_digest(queries)
     if got != expected:
+        import socket
+
         raise RuntimeError(
-            f"rank {rank} read {got['rows']} training queries (sha256 {got['sha256'][:12]}) "
-            f"from dataset.path={cfg.dataset.path!r}, the driver {expected['rows']} "
-            f"(sha256 {expected['sha256'][:12]}): every node must read the same dataset")
+            f"rank {rank} on {socket.gethostname()} read {got['rows']} training queries "
+            f"(sha256 {got['sha256'][:12]}) from {RunLayout.of(cfg).dataset_dir}, the driver "
+            f"read {expected['rows']} (sha256 {expected['sha256'][:12]}): every node must "
+            "read the same dataset")
 
 
 def train_loop_per_worker(config: dict) -> None:
     """The function a ``TorchTrainer`` runs on every worker: ``config`` holds the resolved
-    config (``cfg``) and the :class:`LoopSpec` (``spec``) as plain dicts."""
+    config (``cfg``) and the :class:`LoopSpec` (``spec``) as plain dicts, the driver's
+    :func:`query_digest` of the training queries (``queries_digest``) and rank 0's progress
+    queue (``progress``, or None)."""
     marks = {"process": _process_start(), "entered": time.time()}
     cfg = config_from_dict(config["cfg"])
     spec = LoopSpec(**config["spec"])
@@ -462,13 +467,13 @@ def train_loop_per_worker(config: dict) -> None:
     layout.pull_inputs()  # a remote run directory: this node's mirror gets the inputs
     kg = load_dataset(cfg)
     marks["dataset"] = time.time()
-    ctx = prepare_context(cfg, kg, spec)
-    marks["model"] = time.time()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     queries = kg.queries("train", cfg.train.both_directions)
-    check_queries(queries, config.get("queries"), rank, cfg)
+    check_queries(queries, config["queries_digest"], rank, cfg)  # before building the model
     marks["queries"] = time.time()
+    ctx = prepare_context(cfg, kg, spec)
+    marks["model"] = time.time()
     steps = total_steps(cfg, optimizer_steps_per_epoch(cfg, queries))
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     client_optimizer = None

@@ -108,7 +108,7 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": config_to_dict(cfg), "spec": dataclasses.asdict(spec),
-                           "progress": progress_queue, "queries": digest},
+                           "progress": progress_queue, "queries_digest": digest},
         # N workers, or an elastic (MIN, MAX): the run starts with what the cluster gives
         # (>= MIN), grows when nodes join, goes on with the workers left when one is lost.
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
@@ -117,8 +117,8 @@ def build_trainer(cfg: Config, kg: KnowledgeGraph, spec: LoopSpec = LoopSpec(),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         # No Ray Data dataset: every worker takes its own slice of each epoch's seeded
         # permutation of all training queries (QueryBatches), an exact, resumable data order;
-        # a dataset would only ship the same few integers, at the cost of 2-4 more processes
-        # per fit and per restart (bench/results/startup.json).
+        # a dataset would only ship the same few integers, at the cost of more processes per
+        # fit and per restart (docs/architecture.md, "Data (Ray)").
         run_config=RunConfig(
             name=spec.run_name,
             storage_path=storage_path,
@@ -185,7 +185,7 @@ def startup_phases(marks: dict[str, float] | None, fit_called: float,
     from rank 0's start-up marks of its last attempt (``run_loop``'s ``startup``) and the
     driver's clock around ``fit()``: Ray Train's controller and worker group up to the
     worker process, the process's own start (Ray's worker, the train function's imports),
-    the heavy imports, dataset, model, the training queries, the engine (and a checkpoint's
+    the heavy imports, dataset, the training queries, model, the engine (and a checkpoint's
     load), the first step; after the last step, the outputs and Ray Train's shutdown.
     ``fixed`` is everything but the loop; in a run that restarted (a failure, a resize, a
     preemption) the first phase also holds the earlier attempts. With several nodes the
@@ -194,7 +194,7 @@ def startup_phases(marks: dict[str, float] | None, fit_called: float,
     if not marks:
         return {}
     names = {"process": "to_worker_process", "entered": "worker_start", "imports": "imports",
-             "dataset": "dataset", "model": "model", "queries": "queries", "engine": "engine",
+             "dataset": "dataset", "queries": "queries", "model": "model", "engine": "engine",
              "first_step": "first_step"}
     phases, before = {}, fit_called
     for mark, name in names.items():
