@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -74,7 +75,7 @@ def summarise_sweep(run_dir: Path, name: str, sweep_command: str) -> None:
                            "overhead_share": 1 - train_seconds / trial_seconds})
     train_total = sum(t["train_seconds"] for t in trials)
     trial_total = sum(t["trial_seconds"] for t in trials)
-    payload = {"command": "python bench/bench_tune.py " + " ".join(sys.argv[1:]),
+    payload = {"command": shlex.join(["python", "bench/bench_tune.py", *sys.argv[1:]]),
                "sweep_command": sweep_command,
                "trials": trials, "overhead_share": 1 - train_total / trial_total,
                "most_overhead_share": max(t["overhead_share"] for t in trials)}
