@@ -11,6 +11,11 @@ records that command) and saves each trial's time against its training time
 (``bench/results/tune_NAME.json``): a trial's time is Tune's ``time_total_s`` at its last
 report (ASHA-stopped trials included), its training time the ``train_seconds`` of its last
 validation record.
+
+``--backend local`` is what a sweep of one-CPU-worker trials does by default
+(``tune.trial_backend=auto``); ``ray`` fits a TorchTrainer per trial (the figures before it).
+
+Every trial of the sweep runs to the end (no scheduler), so both sides do the same work.
 """
 
 from __future__ import annotations
