@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -70,14 +69,12 @@ def import_seconds(module: str, repeats: int) -> float:
 
 
 def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (``/proc/stat``: user, nice, system, irq,
-    softirq), so that a fit's cost counts every process it starts; 0 where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return 0.0
-    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds the whole machine has spent busy (user, nice, system, irq, softirq), so
+    that a fit's cost counts every process it starts."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(getattr(times, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
 
 
 def _noop(config: dict) -> None:
